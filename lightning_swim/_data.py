@@ -1,0 +1,71 @@
+"""Probe sets: a fixed random sample of a training set, drawn without touching the global RNG."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+
+def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
+    """``(x, y)`` of a batch: a tensor, a ``(x, y, ...)`` sequence, or a mapping with ``x``/``y`` keys."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, Mapping):
+        for kx in ("x", "input", "inputs", "features"):
+            if kx in batch and isinstance(batch[kx], Tensor):
+                y = next((batch[k] for k in ("y", "target", "targets", "label", "labels") if k in batch), None)
+                return batch[kx], y if isinstance(y, Tensor) else None
+    if isinstance(batch, Sequence) and not isinstance(batch, str) and batch and isinstance(batch[0], Tensor):
+        y = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
+        return batch[0], y
+    raise TypeError(
+        f"Cannot find the inputs in a batch of type {type(batch).__name__}: expected a tensor, a "
+        "(x, y) tuple or a dict with an 'x' key. Pass the probe set explicitly instead."
+    )
+
+
+def probe_from_dataloader(loader: Any, size: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+    """A probe set of ``size`` examples from a ``DataLoader``.
+
+    For a map-style dataset, ``size`` indices are drawn without replacement from the whole dataset
+    with ``generator`` and collated with the loader's ``collate_fn``: the result does not depend on
+    the loader's shuffling, workers or batch size. For an iterable dataset, the first batches are
+    taken (under ``torch.random.fork_rng``, so that the global RNG is left as it was).
+    """
+    if not isinstance(loader, DataLoader):
+        raise TypeError(
+            f"Expected the train dataloader to be a torch DataLoader but got {type(loader).__name__}; "
+            "pass the probe set explicitly."
+        )
+    dataset = loader.dataset
+    if not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__"):
+        n = len(dataset)
+        take = min(size, n)
+        idx = torch.randperm(n, generator=generator)[:take].sort().values
+        collate = loader.collate_fn
+        batch = collate([dataset[int(i)] for i in idx])
+        return split_batch(batch)
+    xs: list[Tensor] = []
+    ys: list[Tensor] = []
+    with torch.random.fork_rng(devices=[]):
+        for batch in loader:
+            x, y = split_batch(batch)
+            xs.append(x)
+            if y is not None:
+                ys.append(y)
+            if sum(len(t) for t in xs) >= size:
+                break
+    if not xs:
+        raise ValueError("The train dataloader yielded no batches; cannot draw a probe set.")
+    x = torch.cat(xs)[:size]
+    y = torch.cat(ys)[:size] if len(ys) == len(xs) else None
+    if len(x) < size:
+        warnings.warn(
+            f"The train data have only {len(x)} examples; the probe set is smaller than {size}.", stacklevel=2
+        )
+    return x, y

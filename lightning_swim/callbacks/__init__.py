@@ -1,0 +1,5 @@
+"""Lightning callbacks: thin shells that run the functional core inside a training loop."""
+
+from lightning_swim.callbacks.swim_init import SWIMInit
+
+__all__ = ["SWIMInit"]

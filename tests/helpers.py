@@ -1,0 +1,75 @@
+"""Small models and data shared by the tests."""
+
+from __future__ import annotations
+
+import itertools
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def mlp(
+    widths: list[int], act: type[nn.Module] = nn.ReLU, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> nn.Sequential:
+    torch_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # the test's own model init; the state is put back below
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(widths):
+        layers += [nn.Linear(a, b), act()]
+    model = nn.Sequential(*layers[:-1]).to(dtype)
+    torch.random.set_rng_state(torch_state)
+    return model
+
+
+class MLPModule(pl.LightningModule):
+    """A LightningModule holding an MLP; classification by default."""
+
+    def __init__(
+        self,
+        widths: list[int],
+        x: Tensor,
+        y: Tensor,
+        *,
+        lr: float = 1e-2,
+        batch_size: int = 64,
+        regression: bool = False,
+        act: type[nn.Module] = nn.ReLU,
+        shuffle: bool = True,
+    ) -> None:
+        super().__init__()
+        self.net = mlp(widths, act, x.dtype)
+        self.x, self.y, self.lr, self.batch_size = x, y, lr, batch_size
+        self.regression, self.shuffle = regression, shuffle
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        out = self(x)
+        loss = nn.functional.mse_loss(out, y) if self.regression else nn.functional.cross_entropy(out, y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size, shuffle=self.shuffle)
+
+
+def trainer(tmp_path, **kwargs) -> pl.Trainer:
+    defaults = dict(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
