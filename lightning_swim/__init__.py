@@ -3,8 +3,22 @@
 The functional core (tensors in, tensors out) and the Lightning callbacks built on it.
 """
 
+from lightning_swim._keops import configure_keops
 from lightning_swim.activations import ACTIVATIONS, Activation
 from lightning_swim.callbacks import SWIMInit
+from lightning_swim.importance import (
+    contribution_weights,
+    cross_class_share,
+    effective_points,
+    entropy,
+    js_divergence,
+    pair_importance,
+    topk_overlap,
+    turnover,
+)
+from lightning_swim.metrics import OutputR2, PredictionAgreement, fidelity
+from lightning_swim.network import convert_network, map_network
+from lightning_swim.pairmap import PairMap, map_layer
 from lightning_swim.sampling import sample_pairs, swim_neurons
 
 __version__ = "0.1.0"
@@ -12,7 +26,23 @@ __version__ = "0.1.0"
 __all__ = [
     "ACTIVATIONS",
     "Activation",
+    "OutputR2",
+    "PairMap",
+    "PredictionAgreement",
     "SWIMInit",
+    "configure_keops",
+    "contribution_weights",
+    "convert_network",
+    "cross_class_share",
+    "effective_points",
+    "entropy",
+    "fidelity",
+    "js_divergence",
+    "map_layer",
+    "map_network",
+    "pair_importance",
     "sample_pairs",
     "swim_neurons",
+    "topk_overlap",
+    "turnover",
 ]

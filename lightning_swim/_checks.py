@@ -34,6 +34,17 @@ def check_points(x: Any, name: str = "x", *, min_distinct: int = 2) -> Tensor:
     return x
 
 
+def check_probe(x: Any, name: str = "x") -> Tensor:
+    """Check a model's probe batch ``[N, ...]``: a tensor of at least 2 examples, finite if floating."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"Expected argument `{name}` to be a torch.Tensor but got {type(x).__name__}.")
+    if x.ndim < 1 or x.shape[0] < 2:
+        raise ValueError(f"Expected argument `{name}` to hold at least 2 examples but got shape {tuple(x.shape)}.")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"Argument `{name}` has non-finite values (NaN or Inf).")
+    return x
+
+
 def count_distinct(x: Tensor, at_most: int | None = None) -> int:
     """Number of distinct rows of ``x`` (capped at ``at_most`` when given, which is cheap)."""
     if x.shape[0] == 0:

@@ -235,6 +235,21 @@ def capture_inputs(
     return {n: torch.cat(chunks[n]) for n in names}
 
 
+def capture_outputs(model: nn.Module, x: Tensor, name: str, *, batch_size: int | None = None) -> Tensor:
+    """The outputs of module ``name`` on ``x`` (before any activation that follows it), detached."""
+    chunks: list[Tensor] = []
+    handle = model.get_submodule(name).register_forward_hook(lambda _m, _i, out: chunks.append(out.detach()))
+    xin = _as_input(model, x)
+    step = batch_size or xin.shape[0]
+    try:
+        with preserved(model):
+            for start in range(0, xin.shape[0], step):
+                model(xin[start : start + step])
+    finally:
+        handle.remove()
+    return torch.cat(chunks)
+
+
 def forward_outputs(model: nn.Module, x: Tensor, *, batch_size: int | None = None) -> Tensor:
     """``model(x)`` in eval mode without grad, batched, with the model's state preserved."""
     xin = _as_input(model, x)

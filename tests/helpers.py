@@ -73,3 +73,36 @@ def trainer(tmp_path, **kwargs) -> pl.Trainer:
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
+
+
+def train_mlp(
+    widths: list[int],
+    x: Tensor,
+    y: Tensor,
+    *,
+    epochs: int = 40,
+    lr: float = 1e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+    act: type[nn.Module] = nn.ReLU,
+    full_batch_steps: int | None = None,
+) -> nn.Sequential:
+    """An MLP trained with Adam (cross-entropy for integer targets, MSE otherwise), deterministic per seed."""
+    model = mlp(widths, act, x.dtype, seed=seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = nn.functional.cross_entropy if not y.is_floating_point() else nn.functional.mse_loss
+    g = torch.Generator().manual_seed(seed)
+    if full_batch_steps is not None:
+        for _ in range(full_batch_steps):
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+        return model
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for s in range(0, len(x), batch_size):
+            idx = perm[s : s + batch_size]
+            opt.zero_grad()
+            loss_fn(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model

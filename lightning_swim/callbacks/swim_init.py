@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -11,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_swim._checks import check_choice, check_positive_int, check_targets
+from lightning_swim._checks import check_choice, check_positive_int, check_probe, check_targets
 from lightning_swim._data import probe_from_dataloader
 from lightning_swim._modelio import (
     ActivationSpec,
@@ -26,16 +24,6 @@ from lightning_swim.activations import Activation
 from lightning_swim.sampling import TASKS, sample_pairs, swim_neurons
 
 __all__ = ["SWIMInit"]
-
-
-def _check_probe_x(x: Any) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"Expected argument `x` to be a torch.Tensor but got {type(x).__name__}.")
-    if x.ndim < 1 or x.shape[0] < 2:
-        raise ValueError(f"Expected argument `x` to hold at least 2 examples but got shape {tuple(x.shape)}.")
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        raise ValueError("Argument `x` has non-finite values (NaN or Inf).")
-    return x
 
 
 def output_targets(y: Tensor, out_features: int, task: str) -> Tensor:
@@ -139,7 +127,7 @@ class SWIMInit(Callback):
         Returns:
             Layer name -> ``(idx_from, idx_to)``: the indices into ``x`` of each neuron's pair.
         """
-        x = _check_probe_x(x)
+        x = check_probe(x)
         if y is not None:
             y = check_targets(y, x.shape[0])
         task = self.task or ("uniform" if y is None else ("regression" if y.is_floating_point() else "classification"))

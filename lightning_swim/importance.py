@@ -1,0 +1,149 @@
+r"""Pair importance and how it changes between maps (pure functions, tensors in, tensors out).
+
+A map gives neuron :math:`m` the pair :math:`(i_m, j_m)`. A data point's *pair importance* is the
+total weight of the neurons whose pair uses it,
+
+.. math::
+    I_k = \frac{1}{Z} \sum_m \omega_m \frac{[i_m = k] + [j_m = k]}{2},
+
+normalised to sum to 1, where :math:`\omega_m \ge 0` says how much neuron :math:`m` matters
+(uniform, or its contribution :math:`|w_m| |a_m|` with :math:`a_m` its outgoing weights).
+Between two maps of the same network: the *turnover* (share of neurons whose pair changed), the
+Jensen-Shannon divergence of the importances, and the overlap of their top-k points.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lightning_swim.pairmap import PairMap
+
+__all__ = [
+    "contribution_weights",
+    "cross_class_share",
+    "effective_points",
+    "entropy",
+    "js_divergence",
+    "pair_importance",
+    "topk_overlap",
+    "turnover",
+]
+
+
+def contribution_weights(weight: Tensor, next_weight: Tensor, *, homogeneous: bool = True) -> Tensor:
+    r"""How much each neuron matters to the network: :math:`\omega_m = |w_m|\,|a_m|`.
+
+    Args:
+        weight: the layer's weight, ``[M, d]``.
+        next_weight: the weight of the layer that reads it, ``[K, M]``; :math:`a_m` is column ``m``.
+        homogeneous: for a homogeneous activation the neuron's magnitude :math:`|w_m|` passes to the
+            next layer; for a bounded one (tanh, sigmoid) only :math:`|a_m|` counts.
+
+    Returns:
+        ``[M]``, non-negative, zero for non-finite neurons.
+    """
+    if next_weight.ndim != 2 or next_weight.shape[1] != weight.shape[0]:
+        raise ValueError(
+            f"Expected `next_weight` of shape `[K, {weight.shape[0]}]` (reading this layer's {weight.shape[0]} "
+            f"neurons) but got {tuple(next_weight.shape)}."
+        )
+    omega = next_weight.detach().norm(dim=0)
+    if homogeneous:
+        omega = omega * weight.detach().norm(dim=1)
+    return torch.nan_to_num(omega, nan=0.0, posinf=0.0)
+
+
+def pair_importance(pm: PairMap, n_points: int, weights: Tensor | None = None) -> Tensor:
+    """Per-point pair importance of a map, ``[n_points]`` float64 on the CPU, summing to 1.
+
+    Flagged neurons (index -1) are left out.
+
+    Args:
+        pm: the map.
+        n_points: size of the probe set the map indexes.
+        weights: neuron weights :math:`\\omega`, ``[M]`` (default uniform).
+
+    Example:
+        >>> pm = PairMap(torch.tensor([0, 0]), torch.tensor([1, 2]), torch.ones(2), torch.zeros(2), torch.zeros(2))
+        >>> pair_importance(pm, 4)
+        tensor([0.5000, 0.2500, 0.2500, 0.0000], dtype=torch.float64)
+    """
+    if weights is None:
+        weights = torch.ones(len(pm), dtype=torch.float64)
+    if weights.shape != (len(pm),):
+        raise ValueError(f"Expected argument `weights` of shape `[{len(pm)}]` but got {tuple(weights.shape)}.")
+    if bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
+        raise ValueError("Expected argument `weights` to be finite and non-negative.")
+    ok = pm.valid.cpu()
+    if bool((pm.idx_from[ok] >= n_points).any() | (pm.idx_to[ok] >= n_points).any()):
+        raise ValueError(f"The map indexes points beyond `n_points` = {n_points}.")
+    w = weights.detach().double().cpu()[ok] / 2
+    imp = torch.zeros(n_points, dtype=torch.float64)
+    imp.index_add_(0, pm.idx_from.cpu()[ok], w)
+    imp.index_add_(0, pm.idx_to.cpu()[ok], w)
+    total = imp.sum()
+    return imp / total if float(total) > 0 else imp
+
+
+def entropy(p: Tensor) -> Tensor:
+    r"""Shannon entropy :math:`-\sum_k p_k \ln p_k` (nats) of a distribution ``[N]``."""
+    p = p.double()
+    return -(p[p > 0] * p[p > 0].log()).sum()
+
+
+def effective_points(p: Tensor) -> Tensor:
+    """``exp(entropy)``: the number of equally important points with the same entropy."""
+    return entropy(p).exp()
+
+
+def js_divergence(p: Tensor, q: Tensor) -> Tensor:
+    r"""Jensen-Shannon divergence (nats, in :math:`[0, \ln 2]`) of two distributions ``[N]``."""
+    if p.shape != q.shape:
+        raise ValueError(f"Expected two distributions of one shape but got {tuple(p.shape)} and {tuple(q.shape)}.")
+    p, q = p.double(), q.double()
+    m = (p + q) / 2
+
+    def kl(a: Tensor) -> Tensor:
+        nz = a > 0
+        return (a[nz] * (a[nz] / m[nz]).log()).sum()
+
+    return ((kl(p) + kl(q)) / 2).clamp(0.0, math.log(2))
+
+
+def topk_overlap(p: Tensor, q: Tensor, k: int) -> float:
+    """Share of the ``k`` most important points of ``p`` that are among the ``k`` most important of ``q``."""
+    if p.shape != q.shape:
+        raise ValueError(f"Expected two distributions of one shape but got {tuple(p.shape)} and {tuple(q.shape)}.")
+    k = min(k, p.shape[0])
+    if k < 1:
+        raise ValueError(f"Expected argument `k` >= 1 but got {k}.")
+    a = set(torch.topk(p, k).indices.tolist())
+    b = set(torch.topk(q, k).indices.tolist())
+    return len(a & b) / k
+
+
+def turnover(previous: PairMap, current: PairMap) -> float:
+    """Share of neurons (mapped in both) whose pair changed between two maps of the same layer."""
+    if len(previous) != len(current):
+        raise ValueError(f"Expected two maps of one layer but got {len(previous)} and {len(current)} neurons.")
+    both = previous.valid & current.valid.to(previous.valid.device)
+    n = int(both.sum())
+    if n == 0:
+        return float("nan")
+    changed = (previous.idx_from != current.idx_from.to(previous.idx_from.device)) | (
+        previous.idx_to != current.idx_to.to(previous.idx_to.device)
+    )
+    return float((changed & both).sum()) / n
+
+
+def cross_class_share(pm: PairMap, labels: Tensor) -> float:
+    """Share of mapped neurons whose pair joins points of different classes (straddles a boundary)."""
+    ok = pm.valid.cpu()
+    if int(ok.sum()) == 0:
+        return float("nan")
+    labels = labels.cpu()
+    lab = labels if labels.ndim == 1 else labels.argmax(1)
+    return float((lab[pm.idx_from.cpu()[ok]] != lab[pm.idx_to.cpu()[ok]]).double().mean())

@@ -1,0 +1,77 @@
+"""Fidelity of a rebuilt network to the original, as torchmetrics ``Metric`` s and as one function."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.regression import R2Score
+
+from lightning_swim._checks import check_choice
+from lightning_swim._modelio import forward_outputs
+
+__all__ = ["FIDELITY_TASKS", "OutputR2", "PredictionAgreement", "fidelity"]
+
+FIDELITY_TASKS = ("classification", "regression")
+
+
+def _labels(out: Tensor) -> Tensor:
+    """Predicted classes of logits: argmax of ``[B, C]``, sign of ``[B]`` or ``[B, 1]`` (binary)."""
+    if out.ndim == 2 and out.shape[1] > 1:
+        return out.argmax(1)
+    return (out.reshape(out.shape[0]) > 0).long()
+
+
+class PredictionAgreement(Metric):
+    """Share of examples on which the rebuilt network predicts the original network's class.
+
+    ``update(rebuilt, original)`` takes the two networks' logits, ``[B, C]`` (argmax) or ``[B]`` /
+    ``[B, 1]`` (binary, by sign).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+    agree: Tensor
+    total: Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("agree", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, rebuilt: Tensor, original: Tensor) -> None:
+        if rebuilt.shape != original.shape:
+            raise ValueError(
+                f"Expected outputs of one shape but got {tuple(rebuilt.shape)} and {tuple(original.shape)}."
+            )
+        self.agree += (_labels(rebuilt) == _labels(original)).sum()
+        self.total += original.shape[0]
+
+    def compute(self) -> Tensor:
+        return self.agree.double() / self.total.clamp_min(1)
+
+
+class OutputR2(R2Score):
+    """R² of the rebuilt network's outputs against the original's (averaged over output units).
+
+    ``update(rebuilt, original)``: the original network's outputs play the targets.
+    """
+
+    def update(self, rebuilt: Tensor, original: Tensor) -> None:
+        n = original.shape[0]
+        super().update(rebuilt.reshape(n, -1).squeeze(1), original.reshape(n, -1).squeeze(1))
+
+
+def fidelity(
+    original: nn.Module, rebuilt: nn.Module, x: Tensor, *, task: str = "classification", batch_size: int | None = None
+) -> float:
+    """Prediction agreement (classification) or output R² (regression) of ``rebuilt`` against ``original`` on ``x``."""
+    check_choice(task, "task", FIDELITY_TASKS)
+    out_o = forward_outputs(original, x, batch_size=batch_size)
+    out_r = forward_outputs(rebuilt, x, batch_size=batch_size)
+    metric: Metric = PredictionAgreement() if task == "classification" else OutputR2()
+    metric.update(out_r.double().cpu(), out_o.double().cpu())
+    return float(metric.compute())
