@@ -5,7 +5,9 @@ The functional core (tensors in, tensors out) and the Lightning callbacks built 
 
 from lightning_swim._keops import configure_keops
 from lightning_swim.activations import ACTIVATIONS, Activation
-from lightning_swim.callbacks import SWIMInit
+from lightning_swim.analysis import AnalysisConfig, analyse_network
+from lightning_swim.callbacks import PairImportanceMonitor, SWIMInit
+from lightning_swim.history import MapRecord, load_history, load_probe
 from lightning_swim.importance import (
     contribution_weights,
     cross_class_share,
@@ -20,16 +22,22 @@ from lightning_swim.metrics import OutputR2, PredictionAgreement, fidelity
 from lightning_swim.network import convert_network, map_network
 from lightning_swim.pairmap import PairMap, map_layer
 from lightning_swim.sampling import sample_pairs, swim_neurons
+from lightning_swim.transport import TransportMap, transport_map
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",
     "Activation",
+    "AnalysisConfig",
+    "MapRecord",
     "OutputR2",
+    "PairImportanceMonitor",
     "PairMap",
     "PredictionAgreement",
     "SWIMInit",
+    "TransportMap",
+    "analyse_network",
     "configure_keops",
     "contribution_weights",
     "convert_network",
@@ -38,11 +46,14 @@ __all__ = [
     "entropy",
     "fidelity",
     "js_divergence",
+    "load_history",
+    "load_probe",
     "map_layer",
     "map_network",
     "pair_importance",
     "sample_pairs",
     "swim_neurons",
     "topk_overlap",
+    "transport_map",
     "turnover",
 ]

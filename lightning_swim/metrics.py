@@ -72,6 +72,7 @@ def fidelity(
     check_choice(task, "task", FIDELITY_TASKS)
     out_o = forward_outputs(original, x, batch_size=batch_size)
     out_r = forward_outputs(rebuilt, x, batch_size=batch_size)
-    metric: Metric = PredictionAgreement() if task == "classification" else OutputR2()
+    # a local computation (the monitor runs it on rank zero only): never wait for other processes
+    metric: Metric = (PredictionAgreement if task == "classification" else OutputR2)(sync_on_compute=False)
     metric.update(out_r.double().cpu(), out_o.double().cpu())
     return float(metric.compute())

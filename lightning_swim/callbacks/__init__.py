@@ -1,5 +1,6 @@
 """Lightning callbacks: thin shells that run the functional core inside a training loop."""
 
+from lightning_swim.callbacks.pair_importance import PairImportanceMonitor
 from lightning_swim.callbacks.swim_init import SWIMInit
 
-__all__ = ["SWIMInit"]
+__all__ = ["PairImportanceMonitor", "SWIMInit"]

@@ -1,0 +1,447 @@
+"""PairImportanceMonitor: map the network to data pairs during training and log it to TensorBoard."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fnmatch
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_swim._checks import check_positive_int, check_probe
+from lightning_swim._data import probe_from_dataloader
+from lightning_swim._modelio import ActivationSpec, linear_layers
+from lightning_swim.analysis import AnalysisConfig, analyse_network, neuron_weights_of
+from lightning_swim.history import MapRecord, remove_after, save_map, save_probe
+
+__all__ = ["PairImportanceMonitor"]
+
+_QUANTITIES = {  # custom-scalar chart title -> per-layer tag suffix
+    "median parameter-space cost": "param_cost_median",
+    "median function-space error": "func_error_median",
+    "importance entropy (nats)": "importance_entropy",
+    "effective number of points": "effective_points",
+    "turnover since the previous map": "turnover",
+    "Jensen-Shannon divergence since the previous map": "js_divergence",
+    "top-k overlap with the previous map": "topk_overlap",
+    "share of cross-class pairs": "cross_class_share",
+    "Sinkhorn divergence to SWIM's distribution": "sinkhorn_divergence",
+    "fidelity with this layer rebuilt from its pairs": "fidelity",
+}
+
+
+class PairImportanceMonitor(Callback):
+    r"""Map every dense layer to the data pairs that explain it, periodically, while the network trains.
+
+    At fit start (after the sanity check), every ``every_n_train_steps`` steps or ``every_n_epochs``
+    epochs, and at fit end, the monitor runs :func:`~lightning_swim.analysis.analyse_network` on a
+    fixed probe set: each hidden ``nn.Linear`` is mapped in its own input space
+    (:func:`~lightning_swim.map_network`), the maps give a per-point *pair importance*, successive
+    maps are compared, and the network rebuilt from its pairs is compared with the original. Every
+    map is also written to ``<log_dir>/swim_maps/map_step<step>.npz`` (atomically, readable without
+    pickle by :func:`~lightning_swim.load_history`), next to ``probe.npz``.
+
+    The probe set is given, or drawn once from the train dataset with the monitor's own generator
+    (``seed``) and then fixed for the whole run, so that maps are comparable; labels are kept when the
+    batches carry them. The monitor never changes training: no global RNG, no parameter, mode, grad
+    state or hook is left touched, and a map that fails is skipped with one warning. Under DDP the
+    maps are computed and logged by global rank zero only.
+
+    Logged tags (``<layer>`` is the qualified name of a mapped ``nn.Linear``):
+
+    - ``swim/<layer>/param_cost_median``, ``swim/<layer>/func_error_median``: median
+      parameter-space cost and relative function-space error of the layer's pairs;
+    - ``swim/<layer>/unmapped_neurons``: neurons with zero or non-finite weights;
+    - ``swim/<layer>/importance_entropy`` (nats), ``swim/<layer>/effective_points`` (its exp);
+    - ``swim/<layer>/turnover``, ``swim/<layer>/js_divergence``, ``swim/<layer>/topk_overlap``:
+      share of neurons whose pair changed, Jensen-Shannon divergence of the importances and overlap
+      of the ``topk_points`` most important points, since the previous map;
+    - ``swim/<layer>/cross_class_share``: share of pairs joining two classes (with labels);
+    - ``swim/<layer>/sinkhorn_divergence``: Sinkhorn divergence of the layer to SWIM candidates
+      (with ``transport=True``);
+    - ``swim/<layer>/fidelity``: prediction agreement (classification) or output R² (regression) on
+      the probe set of the network with only this layer rebuilt from its pairs;
+    - ``swim/network/fidelity_keep``, ``swim/network/fidelity_refit``: the same with every mapped
+      layer rebuilt, the output layer kept or refitted to the original outputs;
+    - ``swim/map_seconds``: the duration of the map;
+    - histogram ``swim/<layer>/importance``: the per-point importance;
+    - images (TensorBoard): ``swim/<layer>/top_points`` and ``swim/<layer>/top_pairs`` for image-like
+      inputs, ``swim/<layer>/pairs`` for 2-D inputs, ``swim/<layer>/importance_over_time``;
+    - a custom-scalar layout that puts each quantity's per-layer curves on one chart.
+
+    Args:
+        every_n_train_steps: map every this many optimizer steps (exclusive with ``every_n_epochs``).
+        every_n_epochs: map every this many epochs (the default, 1, when neither is given).
+        probe: the probe set, ``x`` or ``(x, y)``; by default drawn from the train dataset.
+        probe_size: examples drawn when ``probe`` is not given.
+        seed: seed of the probe draw and of the transport's candidate draw.
+        layers: names (``fnmatch`` patterns) of the layers to map; default every ``nn.Linear`` but the
+            output layer.
+        activations: overrides activation detection (one for all, or by layer name).
+        top_k, refine, local_search, backend: options of :func:`~lightning_swim.map_layer`.
+        neuron_weights: ``"contribution"`` (:math:`|w_m| |a_m|`) or ``"uniform"`` weights of the
+            neurons in the importance.
+        topk_points: ``k`` of the top-k overlap and of the image grids.
+        fidelity: rebuild the network from its pairs and log its fidelity.
+        task: ``"classification"`` (prediction agreement) or ``"regression"`` (R²) for the fidelity;
+            default from the probe's targets (integer: classification), else from the output width.
+        transport: also run :func:`~lightning_swim.transport_map` on every layer.
+        n_candidates, blur, reach: options of the transport.
+        log_images: log the figures (rendering costs about 0.1-0.5 s each); ``"ends"`` only at fit
+            start and end.
+        image_shape: the shape of one example as an image (default: guessed from the probe set).
+        save_history: write every map to ``<log_dir>/swim_maps``.
+        history_dir: where to write instead.
+        dtype: compute the maps in this dtype (default: the model's).
+
+    Example::
+
+        trainer = Trainer(callbacks=[PairImportanceMonitor(every_n_epochs=5, probe_size=1000)])
+        trainer.fit(model)
+        records = load_history(trainer.log_dir)
+    """
+
+    def __init__(
+        self,
+        *,
+        every_n_train_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        probe: Tensor | tuple[Tensor, Tensor | None] | None = None,
+        probe_size: int = 512,
+        seed: int = 0,
+        layers: list[str] | None = None,
+        activations: ActivationSpec = None,
+        top_k: int = 32,
+        refine: str = "function",
+        local_search: int = 0,
+        backend: str = "auto",
+        neuron_weights: str = "contribution",
+        topk_points: int = 16,
+        fidelity: bool = True,
+        task: str | None = None,
+        transport: bool = False,
+        n_candidates: int = 1024,
+        blur: float = 0.1,
+        reach: float | None = None,
+        log_images: bool | str = True,
+        image_shape: tuple[int, ...] | None = None,
+        save_history: bool = True,
+        history_dir: str | os.PathLike[str] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if every_n_train_steps is not None and every_n_epochs is not None:
+            raise ValueError(
+                f"`every_n_train_steps` and `every_n_epochs` are mutually exclusive; got {every_n_train_steps} and "
+                f"{every_n_epochs}."
+            )
+        check_positive_int(every_n_train_steps, "every_n_train_steps", allow_none=True)
+        check_positive_int(every_n_epochs, "every_n_epochs", allow_none=True)
+        if every_n_train_steps is None and every_n_epochs is None:
+            every_n_epochs = 1
+        check_positive_int(probe_size, "probe_size", minimum=2)
+        if log_images not in (True, False, "ends"):
+            raise ValueError(f"`log_images` can be True, False or 'ends', got {log_images!r}.")
+        if image_shape is not None and (
+            not isinstance(image_shape, tuple) or not all(isinstance(s, int) for s in image_shape)
+        ):
+            raise ValueError(f"Expected argument `image_shape` to be a tuple of ints but got {image_shape!r}.")
+        if layers is not None and (isinstance(layers, str) or not all(isinstance(p, str) for p in layers)):
+            raise ValueError(f"Expected argument `layers` to be a list of layer names or patterns but got {layers!r}.")
+        self.config = AnalysisConfig(  # validates the map and transport options
+            activations=activations,
+            top_k=top_k,
+            refine=refine,
+            local_search=local_search,
+            backend=backend,
+            neuron_weights=neuron_weights,
+            topk_points=topk_points,
+            fidelity=fidelity,
+            task=task,
+            transport=transport,
+            n_candidates=n_candidates,
+            blur=blur,
+            reach=reach,
+            seed=seed,
+            dtype=dtype,
+        )
+        self.every_n_train_steps = every_n_train_steps
+        self.every_n_epochs = every_n_epochs
+        self.probe_size = probe_size
+        self.seed = seed
+        self.layer_patterns = list(layers) if layers is not None else None
+        self.log_images = log_images
+        self.image_shape = image_shape
+        self.save_history = save_history
+        self.history_dir = Path(history_dir) if history_dir is not None else None
+        self._given_probe = self._split_probe(probe)
+        # state (saved in checkpoints)
+        self._x: Tensor | None = None
+        self._y: Tensor | None = None
+        self._previous: MapRecord | None = None
+        self._steps: list[int] = []
+        self._importances: dict[str, list[Tensor]] = {}
+        self._failed: set[str] = set()
+        self._layout_written = False
+
+    @staticmethod
+    def _split_probe(probe: Any) -> tuple[Tensor, Tensor | None] | None:
+        if probe is None:
+            return None
+        x, y = (probe, None) if isinstance(probe, Tensor) else probe
+        check_probe(x, "probe")
+        if y is not None and (not isinstance(y, Tensor) or y.shape[0] != x.shape[0]):
+            raise ValueError("Expected the probe's targets to be a tensor with one row per example.")
+        return x, y
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            every_n_train_steps=self.every_n_train_steps,
+            every_n_epochs=self.every_n_epochs,
+            layers=self.layer_patterns,
+            seed=self.seed,
+        )
+
+    # -- when ------------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and not any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers) and trainer.loggers:
+            rank_zero_info(
+                "PairImportanceMonitor: no TensorBoardLogger; scalars go to the loggers, figures and histograms are "
+                "not logged."
+            )
+
+    def _skip(self, trainer: pl.Trainer) -> bool:
+        # `fast_dev_run` is set on the Trainer at init (Lightning's own callbacks read it the same way)
+        return bool(trainer.sanity_checking or getattr(trainer, "fast_dev_run", False))
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._skip(trainer):
+            return
+        if self._x is None:
+            self._draw_probe(trainer)
+        if not self._steps:  # a resumed run continues its history: no extra map at its start
+            self._run(trainer, pl_module, "start")
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        n = self.every_n_train_steps
+        if n is None or self._skip(trainer) or trainer.global_step % n != 0:
+            return
+        if self._steps and self._steps[-1] == trainer.global_step:  # several batches per step (accumulation)
+            return
+        self._run(trainer, pl_module, "step")
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        n = self.every_n_epochs
+        if n is None or self._skip(trainer) or (trainer.current_epoch + 1) % n != 0:
+            return
+        if self._steps and self._steps[-1] == trainer.global_step:
+            return
+        self._run(trainer, pl_module, "epoch")
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._skip(trainer) or (self._steps and self._steps[-1] == trainer.global_step):
+            return
+        self._run(trainer, pl_module, "end")
+
+    # -- what ------------------------------------------------------------------------------------
+
+    def _draw_probe(self, trainer: pl.Trainer) -> None:
+        if self._given_probe is not None:
+            self._x, self._y = self._given_probe
+            return
+        loader = trainer.train_dataloader
+        x, y = probe_from_dataloader(loader, self.probe_size, torch.Generator().manual_seed(self.seed))
+        self._x, self._y = x, y
+
+    def _layers(self, pl_module: pl.LightningModule) -> tuple[str, ...] | None:
+        if self.layer_patterns is None:
+            return None
+        assert self._x is not None
+        names = [layer.name for layer in linear_layers(pl_module, self._x[:2], self.config.activations)]
+        chosen = tuple(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in self.layer_patterns))
+        if not chosen:
+            raise ValueError(f"`layers` {self.layer_patterns} match none of the nn.Linear layers {names}.")
+        return chosen
+
+    def _history_path(self, trainer: pl.Trainer) -> Path:
+        if self.history_dir is None:
+            base = trainer.log_dir or trainer.default_root_dir
+            self.history_dir = Path(base) / "swim_maps"
+        return self.history_dir
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
+        if not trainer.is_global_zero or self._x is None:
+            return
+        try:
+            t0 = time.perf_counter()
+            config = dataclasses.replace(self.config, layers=self._layers(pl_module))
+            with self._progress(trainer) as progress:
+                record = analyse_network(
+                    pl_module,
+                    self._x,
+                    self._y,
+                    config=config,
+                    previous=self._previous,
+                    step=trainer.global_step,
+                    epoch=trainer.current_epoch,
+                    progress=progress,
+                )
+            self._log(trainer, pl_module, record, when)
+            if self.save_history:
+                path = self._history_path(trainer)
+                if not self._steps:
+                    save_probe(path, self._x, self._y)
+                save_map(path, record)
+            self._previous = record
+            self._steps.append(record.step)
+            for name, imp in record.importance.items():
+                self._importances.setdefault(name, []).append(imp.float())
+            elapsed = time.perf_counter() - t0
+            if elapsed > 5:
+                n_layers, step = len(record.maps), record.step
+                rank_zero_info(f"PairImportanceMonitor: mapped {n_layers} layer(s) at step {step} in {elapsed:.1f} s.")
+        except Exception as err:  # a map never stops training
+            key = type(err).__name__
+            if key not in self._failed:
+                self._failed.add(key)
+                rank_zero_warn(
+                    f"PairImportanceMonitor: the map at step {trainer.global_step} failed and is skipped; training "
+                    f"goes on. {key}: {err}"
+                )
+
+    @contextlib.contextmanager
+    def _progress(self, trainer: pl.Trainer) -> Iterator[Callable[[str], None] | None]:
+        """A transient spinner with the map's current stage, when the trainer shows progress."""
+        if trainer.progress_bar_callback is None or not sys.stdout.isatty():
+            yield None
+            return
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as bar:
+            task = bar.add_task(f"SWIM map at step {trainer.global_step}")
+            yield lambda stage: bar.update(task, description=f"SWIM map at step {trainer.global_step}: {stage}")
+
+    # -- logging ---------------------------------------------------------------------------------
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: MapRecord, when: str) -> None:
+        scalars = {k: v for k, v in record.scalars.items() if math.isfinite(v)}
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=record.step)
+        tb = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not tb:
+            return
+        writer = tb[0]
+        if not self._layout_written:
+            writer.add_custom_scalars(self._layout(list(record.maps)))
+            self._layout_written = True
+        for name, imp in record.importance.items():
+            writer.add_histogram(f"swim/{name}/importance", imp.float(), global_step=record.step)
+        if self.log_images is True or (self.log_images == "ends" and when in ("start", "end")):
+            self._log_figures(writer, pl_module, record)
+
+    def _layout(self, layers: list[str]) -> dict[str, Any]:
+        charts = {
+            title: ["Multiline", [f"swim/{name}/{suffix}" for name in layers]] for title, suffix in _QUANTITIES.items()
+        }
+        charts["network fidelity (rebuilt from pairs)"] = [
+            "Multiline",
+            ["swim/network/fidelity_keep", "swim/network/fidelity_refit"],
+        ]
+        return {"SWIM pair maps": charts}
+
+    def _log_figures(self, writer: Any, pl_module: pl.LightningModule, record: MapRecord) -> None:
+        from lightning_swim import plotting
+
+        assert self._x is not None
+        x = self._x
+        shape = self.image_shape or plotting.guess_image_shape(tuple(x.shape[1:]))
+        layers = linear_layers(pl_module, x[:2], self.config.activations)
+        k = self.config.topk_points
+        for name, pm in record.maps.items():
+            imp = record.importance[name]
+            omega = neuron_weights_of(layers, name, self.config.neuron_weights)
+            figs = {}
+            if shape is not None:
+                figs["top_points"] = plotting.top_points(
+                    x, imp, shape, k=k, y=self._y, title=f"{name}: most important points, step {record.step}"
+                )
+                figs["top_pairs"] = plotting.top_pairs(
+                    x,
+                    pm,
+                    shape,
+                    neuron_weights=omega,
+                    k=min(8, k),
+                    y=self._y,
+                    title=f"{name}: top pairs, step {record.step}",
+                )
+            elif x.ndim == 2 and x.shape[1] == 2:
+                figs["pairs"] = plotting.pair_arrows(
+                    x, pm, importance=imp, neuron_weights=omega, y=self._y, title=f"{name}: pairs at step {record.step}"
+                )
+            history = [*self._importances.get(name, []), imp.float()]
+            figs["importance_over_time"] = plotting.importance_heatmap(
+                history, [*self._steps, record.step], title=f"{name}: importance over training"
+            )
+            for key, fig in figs.items():
+                writer.add_figure(f"swim/{name}/{key}", fig, global_step=record.step, close=False)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        prev = None
+        if self._previous is not None:
+            prev = {
+                "step": self._previous.step,
+                "epoch": self._previous.epoch,
+                "maps": {n: {**pm.tensors(), "activation": pm.activation} for n, pm in self._previous.maps.items()},
+                "importance": self._previous.importance,
+            }
+        return {
+            "x": self._x,
+            "y": self._y,
+            "steps": list(self._steps),
+            "importances": self._importances,
+            "previous": prev,
+            "history_dir": str(self.history_dir) if self.history_dir is not None else None,
+            "layout_written": self._layout_written,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        from lightning_swim.pairmap import PairMap
+
+        self._x, self._y = state_dict["x"], state_dict["y"]
+        self._steps = list(state_dict["steps"])
+        self._importances = {k: list(v) for k, v in state_dict["importances"].items()}
+        prev = state_dict["previous"]
+        if prev is not None:
+            maps = {n: PairMap(**d) for n, d in prev["maps"].items()}
+            self._previous = MapRecord(prev["step"], prev["epoch"], maps, dict(prev["importance"]))
+        if state_dict.get("history_dir") and self.history_dir is None:
+            self.history_dir = Path(state_dict["history_dir"])
+        if self.history_dir is not None and self.history_dir.is_dir() and self._steps:
+            remove_after(self.history_dir, self._steps[-1])  # the abandoned run's maps after the checkpoint
+        self._layout_written = bool(state_dict.get("layout_written", False))

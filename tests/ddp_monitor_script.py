@@ -1,0 +1,51 @@
+"""Run by test_monitor.test_ddp_on_cpu: the monitor under Lightning's `ddp` strategy, 2 CPU processes."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+warnings.filterwarnings("ignore")
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from helpers import MLPModule  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+
+from lightning_swim import PairImportanceMonitor  # noqa: E402
+from lightning_swim._datasets import digits  # noqa: E402
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    torch.set_num_threads(1)
+    xtr, ytr, _, _ = digits()
+    module = MLPModule([64, 12, 10], xtr[:256], ytr[:256], batch_size=32)
+    monitor = PairImportanceMonitor(
+        every_n_train_steps=3, probe_size=64, top_k=4, log_images=False, history_dir=out / "maps"
+    )
+    trainer = pl.Trainer(
+        strategy="ddp",
+        accelerator="cpu",
+        devices=2,
+        max_steps=6,
+        callbacks=[monitor],
+        logger=TensorBoardLogger(out, name="tb"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module)
+    if trainer.is_global_zero:
+        torch.save(module.state_dict(), out / "final.pt")
+        assert len(monitor._steps) == 3, monitor._steps
+    else:
+        assert monitor._steps == [], "only rank zero maps"
+        (out / f"rank{os.environ.get('LOCAL_RANK', '1')}_done").write_text("ok")
+
+
+if __name__ == "__main__":
+    main()

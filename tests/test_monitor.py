@@ -1,0 +1,324 @@
+"""PairImportanceMonitor in a real Trainer: event files read back, resume, bit-identity, DDP, arguments."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import MLPModule, trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from lightning_swim import PairImportanceMonitor, load_history, load_probe, map_network
+from lightning_swim._datasets import digits, log_2d
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def data():
+    xtr, ytr, _, _ = digits()
+    return xtr[:300], ytr[:300]
+
+
+def fit(tmp_path, module, monitor, **kwargs):
+    kwargs.setdefault("logger", TensorBoardLogger(tmp_path, name="tb", version=0))
+    t = trainer(tmp_path, callbacks=[monitor], **kwargs)
+    t.fit(module)
+    return t
+
+
+def read_events(log_dir):
+    from tbparse import SummaryReader
+
+    return SummaryReader(str(log_dir), pivot=False, event_types={"scalars"})
+
+
+class TestLogging:
+    def test_scalars_histograms_images_and_layout_in_the_event_files(self, tmp_path, data):
+        x, y = data
+        module = MLPModule([64, 24, 16, 10], x, y, lr=1e-2)
+        monitor = PairImportanceMonitor(every_n_epochs=1, probe_size=96, top_k=8, transport=True, n_candidates=128)
+        t = fit(tmp_path, module, monitor, max_epochs=2)
+        reader = read_events(t.log_dir)
+        scalars = reader.scalars
+        tags = set(scalars.tag)
+        for layer in ("net.0", "net.2"):
+            for suffix in (
+                "param_cost_median",
+                "func_error_median",
+                "importance_entropy",
+                "effective_points",
+                "turnover",
+                "js_divergence",
+                "topk_overlap",
+                "cross_class_share",
+                "sinkhorn_divergence",
+                "fidelity",
+            ):
+                assert f"swim/{layer}/{suffix}" in tags, suffix
+        assert {"swim/network/fidelity_keep", "swim/network/fidelity_refit", "swim/map_seconds"} <= tags
+        # maps at fit start (step 0) and after each epoch (steps 5, 10); turnover only from the second map
+        steps = sorted(set(scalars[scalars.tag == "swim/net.0/effective_points"].step))
+        assert steps == [0, 5, 10]
+        assert sorted(scalars[scalars.tag == "swim/net.0/turnover"].step) == [5, 10]
+        eff = scalars[scalars.tag == "swim/net.0/effective_points"].value
+        assert ((eff >= 1) & (eff <= 96)).all()
+        histograms = _histograms(Path(t.log_dir))
+        for layer in ("net.0", "net.2"):
+            steps_and_counts = [(h.step, h.histogram_value.num) for h in histograms[f"swim/{layer}/importance"]]
+            assert steps_and_counts == [(0, 96), (5, 96), (10, 96)]  # one value per probe point, every map
+        images = _images(Path(t.log_dir))
+        for layer in ("net.0", "net.2"):
+            for name in ("top_points", "top_pairs", "importance_over_time"):
+                img = images[f"swim/{layer}/{name}"]
+                assert img.size[0] > 200 and img.size[1] > 150  # a readable PNG, decoded
+        assert _custom_scalar_layout(Path(t.log_dir))
+        # the history on disk matches what was logged
+        history = load_history(t.log_dir)
+        assert [r.step for r in history] == [0, 5, 10]
+        last = scalars[(scalars.tag == "swim/net.0/effective_points") & (scalars.step == 10)].value.item()
+        assert abs(history[-1].scalars["swim/net.0/effective_points"] - last) < 1e-4
+        px, py = load_probe(t.log_dir)
+        assert px.shape == (96, 64) and py is not None and py.shape == (96,)
+
+    def test_history_is_the_map_of_the_final_weights(self, tmp_path, data):
+        x, y = data
+        module = MLPModule([64, 20, 10], x, y, lr=1e-2)
+        monitor = PairImportanceMonitor(every_n_epochs=1, probe_size=80, top_k=8, log_images=False)
+        t = fit(tmp_path, module, monitor, max_epochs=2)
+        px, _ = load_probe(t.log_dir)
+        final = load_history(t.log_dir)[-1]
+        direct = map_network(module, px, top_k=8)
+        assert torch.equal(final.maps["net.0"].idx_from, direct["net.0"].idx_from)
+        assert torch.equal(final.maps["net.0"].idx_to, direct["net.0"].idx_to)
+
+    def test_two_dimensional_inputs_get_the_pair_figure(self, tmp_path):
+        x, y = log_2d(200, seed=0, dtype=torch.float32)
+        module = MLPModule([2, 16, 1], x, y, regression=True, lr=1e-2)
+        monitor = PairImportanceMonitor(every_n_epochs=1, probe_size=100, top_k=8)
+        t = fit(tmp_path, module, monitor, max_epochs=1)
+        reader = read_events(t.log_dir)
+        assert "swim/net.0/pairs" in _images(Path(t.log_dir))
+        assert "swim/net.0/cross_class_share" not in set(reader.scalars.tag)  # regression targets: no classes
+        fid = reader.scalars[reader.scalars.tag == "swim/network/fidelity_refit"].value
+        assert (fid <= 1.0).all()
+
+    def test_every_n_train_steps_and_other_loggers(self, tmp_path, data):
+        x, y = data
+        module = MLPModule([64, 12, 10], x, y)
+        monitor = PairImportanceMonitor(every_n_train_steps=2, probe_size=64, top_k=4, fidelity=False)
+        t = fit(tmp_path, module, monitor, max_steps=5, logger=CSVLogger(tmp_path, name="csv"))
+        assert [r.step for r in load_history(t.log_dir)] == [0, 2, 4, 5]
+        metrics = (Path(t.log_dir) / "metrics.csv").read_text()
+        assert "swim/net.0/effective_points" in metrics
+
+    def test_layer_patterns_and_given_probe(self, tmp_path, data):
+        x, y = data
+        module = MLPModule([64, 12, 8, 10], x, y)
+        monitor = PairImportanceMonitor(probe=(x[:50], y[:50]), layers=["*.2"], top_k=4, log_images=False)
+        t = fit(tmp_path, module, monitor, max_epochs=1)
+        history = load_history(t.log_dir)
+        assert list(history[0].maps) == ["net.2"]
+        assert torch.equal(load_probe(t.log_dir)[0], x[:50])
+
+    def test_skipped_in_fast_dev_run(self, tmp_path, data):
+        x, y = data
+        module = MLPModule([64, 12, 10], x, y)
+        monitor = PairImportanceMonitor(probe_size=32)
+        fit(tmp_path, module, monitor, fast_dev_run=2, logger=False)
+        assert monitor._steps == []
+
+
+def _histograms(log_dir: Path) -> dict:
+    """Histogram events by tag, with TensorBoard's EventAccumulator (tbparse needs TensorFlow for these)."""
+    from tensorboard.backend.event_processing.event_accumulator import HISTOGRAMS, EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={HISTOGRAMS: 0})
+    acc.Reload()
+    return {tag: acc.Histograms(tag) for tag in acc.Tags()[HISTOGRAMS]}
+
+
+def _images(log_dir: Path) -> dict:
+    """The last image of every image tag in the event files, decoded (tbparse needs TensorFlow for this)."""
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    found = {}
+    for path in log_dir.glob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:  # the loader turns image summaries into [w, h, png] tensors
+                if value.metadata.plugin_data.plugin_name == "images":
+                    found[value.tag] = Image.open(io.BytesIO(value.tensor.string_val[2]))
+    return found
+
+
+def _custom_scalar_layout(log_dir: Path) -> bool:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    for path in log_dir.glob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "custom_scalars":
+                    from tensorboard.plugins.custom_scalar import layout_pb2
+
+                    layout = layout_pb2.Layout()
+                    layout.ParseFromString(value.tensor.string_val[0])
+                    charts = [c.title for cat in layout.category for c in cat.chart]
+                    tags = [t for cat in layout.category for c in cat.chart for t in c.multiline.tag]
+                    return "effective number of points" in charts and "swim/net.0/effective_points" in tags
+    return False
+
+
+class TestNeverDisturbsTraining:
+    def _weights_after(self, tmp_path, data, callbacks):
+        x, y = data
+        pl.seed_everything(7, verbose=False)
+        module = MLPModule([64, 16, 10], x, y, lr=1e-2)
+        trainer(
+            tmp_path, callbacks=callbacks, max_steps=12, max_epochs=10, logger=TensorBoardLogger(tmp_path, name="b")
+        ).fit(module)
+        return copy.deepcopy(module.state_dict()), torch.random.get_rng_state()
+
+    def test_bit_identical_weights_and_rng(self, tmp_path, data):
+        plain, rng_plain = self._weights_after(tmp_path / "a", data, [])
+        monitor = PairImportanceMonitor(every_n_train_steps=3, probe_size=64, top_k=4, transport=True, n_candidates=64)
+        watched, rng_watched = self._weights_after(tmp_path / "b", data, [monitor])
+        assert len(monitor._steps) >= 4
+        for k, v in plain.items():
+            assert torch.equal(v, watched[k]), k
+        assert torch.equal(rng_plain, rng_watched)
+
+    def test_a_failing_map_warns_once_and_training_goes_on(self, tmp_path, data, monkeypatch):
+        import lightning_swim.callbacks.pair_importance as mod
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("KeOps could not compile")
+
+        monkeypatch.setattr(mod, "analyse_network", broken)
+        x, y = data
+        module = MLPModule([64, 12, 10], x, y)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t = fit(tmp_path, module, PairImportanceMonitor(every_n_epochs=1, probe_size=32), max_epochs=2)
+        msgs = [str(w.message) for w in caught if "PairImportanceMonitor" in str(w.message)]
+        assert len(msgs) == 1 and "KeOps could not compile" in msgs[0] and "training goes on" in msgs[0]
+        assert t.current_epoch == 2
+
+
+class TestCheckpoints:
+    def test_resume_continues_the_same_history(self, tmp_path, data):
+        x, y = data
+
+        def run(root, epochs, ckpt=None, every=True):
+            module = MLPModule([64, 12, 10], x, y, shuffle=False)
+            monitor = PairImportanceMonitor(
+                every_n_epochs=1, probe_size=48, top_k=4, log_images=False, history_dir=tmp_path / root / "maps"
+            )
+            cb = ModelCheckpoint(dirpath=tmp_path / root / "ckpt", save_top_k=-1, every_n_epochs=1) if every else None
+            t = trainer(
+                tmp_path / root,
+                callbacks=[monitor] + ([cb] if cb else []),
+                max_epochs=epochs,
+                logger=TensorBoardLogger(tmp_path / root, name="tb"),
+                enable_checkpointing=every,
+            )
+            t.fit(module, ckpt_path=ckpt)
+            return monitor
+
+        straight = run("straight", 4)
+        run("first", 3)  # interrupted after epoch 3, whose maps are on disk
+        ckpt = sorted((tmp_path / "first" / "ckpt").glob("epoch=1*.ckpt"))[0]  # resume from the epoch-2 checkpoint
+        resumed_monitor = PairImportanceMonitor(
+            every_n_epochs=1, probe_size=48, top_k=4, log_images=False, history_dir=tmp_path / "first" / "maps"
+        )
+        module = MLPModule([64, 12, 10], x, y, shuffle=False)
+        trainer(
+            tmp_path / "first",
+            callbacks=[resumed_monitor],
+            max_epochs=4,
+            logger=TensorBoardLogger(tmp_path / "first", name="tb"),
+        ).fit(module, ckpt_path=ckpt)
+        steps = [r.step for r in load_history(tmp_path / "first" / "maps")]
+        assert steps == [r.step for r in load_history(tmp_path / "straight" / "maps")] == straight._steps
+        assert len(steps) == len(set(steps)) == 5  # start + 4 epochs: nothing lost, nothing twice
+        # the turnover after resuming compares with the map restored from the checkpoint
+        resumed = load_history(tmp_path / "first" / "maps")
+        assert "swim/net.0/turnover" in resumed[3].scalars
+
+    def test_state_round_trip_and_pickle(self, tmp_path, data):
+        x, y = data
+        monitor = PairImportanceMonitor(every_n_epochs=1, probe_size=40, top_k=4, log_images=False)
+        fit(tmp_path, MLPModule([64, 8, 10], x, y), monitor, max_epochs=1)
+        state = monitor.state_dict()
+        other = PairImportanceMonitor(every_n_epochs=1, probe_size=40, top_k=4, log_images=False)
+        other.load_state_dict(copy.deepcopy(state))
+        assert other._steps == monitor._steps and torch.equal(other._x, monitor._x)
+        assert torch.equal(other._previous.maps["net.0"].idx_to, monitor._previous.maps["net.0"].idx_to)
+        clone = pickle.loads(pickle.dumps(monitor))
+        assert clone.state_key == monitor.state_key
+        assert "'every_n_epochs': 1" in monitor.state_key
+
+
+class TestArguments:
+    @pytest.mark.parametrize(
+        ("kwargs", "match"),
+        [
+            ({"every_n_train_steps": 5, "every_n_epochs": 1}, "mutually exclusive"),
+            ({"every_n_train_steps": 0}, "`every_n_train_steps`"),
+            ({"every_n_epochs": -1}, "`every_n_epochs`"),
+            ({"probe_size": 1}, "`probe_size`"),
+            ({"refine": "greedy"}, "Invalid `refine`"),
+            ({"backend": "gpu"}, "Invalid `backend`"),
+            ({"neuron_weights": "gradient"}, "Invalid `neuron_weights`"),
+            ({"log_images": "sometimes"}, "`log_images` can be True, False or 'ends'"),
+            ({"layers": "net.0"}, "`layers`"),
+            ({"image_shape": [8, 8]}, "`image_shape`"),
+            ({"top_k": 0}, "`top_k`"),
+            ({"probe": torch.ones(1, 3)}, "at least 2 examples"),
+            ({"task": "ranking"}, "Invalid `task`"),
+        ],
+    )
+    def test_validated_in_init(self, kwargs, match):
+        with pytest.raises(ValueError, match=match):
+            PairImportanceMonitor(**kwargs)
+
+    def test_layer_patterns_that_match_nothing_warn_and_training_goes_on(self, tmp_path, data):
+        x, y = data
+        with pytest.warns(UserWarning, match="match none"):
+            fit(
+                tmp_path,
+                MLPModule([64, 8, 10], x, y),
+                PairImportanceMonitor(layers=["head*"], probe_size=20),
+                max_epochs=1,
+            )
+
+
+def test_ddp_on_cpu(tmp_path):
+    """Two processes (gloo): rank zero maps and logs, no hang, and the maps equal a single-process map."""
+    out = subprocess.run(
+        [sys.executable, str(HERE / "ddp_monitor_script.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    history = load_history(tmp_path / "maps")
+    assert [r.step for r in history] == [0, 3, 6]
+    px, _ = load_probe(tmp_path / "maps")
+    final_state = torch.load(tmp_path / "final.pt")
+    module = MLPModule([64, 12, 10], *digits()[:2])
+    module.load_state_dict(final_state)
+    direct = map_network(module, px, top_k=4)
+    assert torch.equal(history[-1].maps["net.0"].idx_from, direct["net.0"].idx_from)
+    assert torch.equal(history[-1].maps["net.0"].idx_to, direct["net.0"].idx_to)
+    assert (tmp_path / "rank1_done").exists()
