@@ -19,15 +19,25 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument(
         "--logdir", default="lightning_swim_runs", help="TensorBoard log directory (default: %(default)s)"
     )
-    demo.add_argument("--epochs", type=int, default=8, help="training epochs (default: %(default)s)")
-    demo.add_argument("--width", type=int, default=128, help="hidden width (default: %(default)s)")
+    demo.add_argument("--epochs", type=int, default=10, help="training epochs (default: %(default)s)")
+    demo.add_argument("--every", type=int, default=2, help="map every this many epochs (default: %(default)s)")
+    demo.add_argument("--widths", type=int, nargs="+", default=[128, 64], help="hidden widths (default: 128 64)")
+    demo.add_argument("--probe-size", type=int, default=512, help="probe digits (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from lightning_swim.demo import run_demo
 
-        run_demo(logdir=args.logdir, epochs=args.epochs, width=args.width, seed=args.seed, progress=not args.quiet)
+        run_demo(
+            logdir=args.logdir,
+            epochs=args.epochs,
+            every=args.every,
+            widths=tuple(args.widths),
+            probe_size=args.probe_size,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
     return 0
 
 

@@ -54,7 +54,7 @@ def top_points(
     top = torch.topk(importance, k).indices.tolist()
     cols = min(8, k)
     rows = math.ceil(k / cols)
-    fig = Figure(figsize=(1.6 * cols, 1.8 * rows + 0.4), dpi=100)
+    fig = Figure(figsize=(1.6 * cols, 2.1 * rows + 0.5), dpi=100)
     lo, hi = float(x.min()), float(x.max())
     for n, idx in enumerate(top):
         ax = fig.add_subplot(rows, cols, n + 1)

@@ -222,14 +222,14 @@ def transport_map(
     y: Tensor | None = None,
     task: str | None = None,
     neuron_weights: Tensor | None = None,
-    blur: float = 0.05,
+    blur: float = 0.1,
     reach: float | None = None,
     scaling: float = 0.9,
     backend: str = "auto",
     generator: torch.Generator | None = None,
     divergence: bool = True,
-    tol: float = 1e-6,
-    max_iter: int = 2000,
+    tol: float = 1e-5,
+    max_iter: int = 5000,
     max_memory: int = DEFAULT_MAX_MEMORY,
 ) -> TransportMap:
     """Transport a layer's neurons onto the SWIM neurons of candidate pairs of its probe set.

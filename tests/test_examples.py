@@ -1,4 +1,4 @@
-"""Every example and the demo run, with short settings."""
+"""Every example and the demo run, with short settings; their outputs say what they claim."""
 
 from __future__ import annotations
 
@@ -20,20 +20,83 @@ def load_example(name: str):
     return module
 
 
+def test_every_example_is_tested():
+    tested = {
+        "swim_init_finetune",
+        "monitor_existing_module",
+        "lazy_vs_rich",
+        "pairs_2d_regression",
+        "rebuild_without_lightning",
+    }
+    assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
+
+
 def test_swim_init_finetune(capsys):
-    history = load_example("swim_init_finetune").main(["--epochs", "2", "--width", "64"])
-    assert len(history["swim"]) == 3 and len(history["default"]) == 3
+    history = load_example("swim_init_finetune").main(["--epochs", "1", "--width", "64"])
+    assert len(history["swim"]) == 2 and len(history["default"]) == 2
     assert history["swim"][0] > 0.85 > history["default"][0]  # before any training step
-    assert "SWIM init" in capsys.readouterr().out
+    assert history["kept"][0] == 1.0 and history["cost"][0] < 1e-6  # SWIM neurons map back to their pairs
+    assert "on its 1st pair" in capsys.readouterr().out
+
+
+def test_monitor_existing_module(tmp_path, capsys):
+    history = load_example("monitor_existing_module").main(
+        ["--epochs", "2", "--probe-size", "64", "--logdir", str(tmp_path)]
+    )
+    assert [r.step for r in history] == [0, 44]
+    assert list(history[-1].maps) == ["body.0", "body.2"]
+    assert "tensorboard --logdir" in capsys.readouterr().out
+
+
+def test_lazy_vs_rich(tmp_path, capsys):
+    results = load_example("lazy_vs_rich").main(["--steps", "60", "--points", "200", "--logdir", str(tmp_path)])
+    rich, lazy = results[0.1], results[100.0]
+    assert [r["step"] for r in rich] == [0, 20, 40, 60]
+    assert rich[-1]["moved"] > 10 * lazy[-1]["moved"]  # large alpha: the weights barely move
+    assert "pair cost" in capsys.readouterr().out
+
+
+def test_pairs_2d_regression(tmp_path):
+    history = load_example("pairs_2d_regression").main(
+        ["--epochs", "4", "--every", "2", "--logdir", str(tmp_path), "--out", str(tmp_path / "png")]
+    )
+    assert [r.step for r in history] == [0, 16, 32]
+    assert len(list((tmp_path / "png").glob("pairs_step*.png"))) == 3
+
+
+def test_rebuild_without_lightning(capsys):
+    out = load_example("rebuild_without_lightning").main(["--epochs", "5", "--width", "32"])
+    assert 0 <= out["keep"] <= 1 and out["refit"] >= out["keep"] - 0.05
+    assert "output layer refit" in capsys.readouterr().out
 
 
 def test_demo_cli(tmp_path, capsys):
     from lightning_swim.cli import main
 
-    assert main(["demo", "--logdir", str(tmp_path), "--epochs", "1", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--logdir",
+                str(tmp_path),
+                "--epochs",
+                "1",
+                "--every",
+                "1",
+                "--probe-size",
+                "64",
+                "--widths",
+                "32",
+                "16",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    assert "tensorboard --logdir" in out
+    assert "tensorboard --logdir" in out and "Sinkhorn div." in out and "net.0" in out and "net.2" in out
     assert list(tmp_path.rglob("events.out.tfevents.*"))
+    assert list(tmp_path.rglob("map_step*.npz"))
 
 
 def test_cli_needs_a_command():

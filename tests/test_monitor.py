@@ -129,6 +129,15 @@ class TestLogging:
         assert list(history[0].maps) == ["net.2"]
         assert torch.equal(load_probe(t.log_dir)[0], x[:50])
 
+    def test_default_schedule_keeps_to_the_overhead_budget(self, tmp_path, data):
+        x, y = data
+        frugal = PairImportanceMonitor(max_overhead=1e-4, probe_size=32, top_k=4)
+        fit(tmp_path / "a", MLPModule([64, 8, 10], x, y), frugal, max_epochs=3)
+        assert frugal._steps == [0, 15]  # only at fit start and end: training is far too short to pay for more
+        eager = PairImportanceMonitor(max_overhead=10.0, probe_size=32, top_k=4, fidelity=False)
+        fit(tmp_path / "b", MLPModule([64, 8, 10], x, y), eager, max_epochs=10)
+        assert len(eager._steps) > 2 and eager._steps[-1] == 50  # maps in between, where time allowed
+
     def test_skipped_in_fast_dev_run(self, tmp_path, data):
         x, y = data
         module = MLPModule([64, 12, 10], x, y)
@@ -276,6 +285,7 @@ class TestArguments:
             ({"every_n_train_steps": 5, "every_n_epochs": 1}, "mutually exclusive"),
             ({"every_n_train_steps": 0}, "`every_n_train_steps`"),
             ({"every_n_epochs": -1}, "`every_n_epochs`"),
+            ({"max_overhead": 0}, "`max_overhead`"),
             ({"probe_size": 1}, "`probe_size`"),
             ({"refine": "greedy"}, "Invalid `refine`"),
             ({"backend": "gpu"}, "Invalid `backend`"),

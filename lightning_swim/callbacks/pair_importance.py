@@ -47,7 +47,9 @@ class PairImportanceMonitor(Callback):
     r"""Map every dense layer to the data pairs that explain it, periodically, while the network trains.
 
     At fit start (after the sanity check), every ``every_n_train_steps`` steps or ``every_n_epochs``
-    epochs, and at fit end, the monitor runs :func:`~lightning_swim.analysis.analyse_network` on a
+    epochs (by default: whenever the training time since the last map is ``1 / max_overhead`` times
+    that map's duration, so that mapping adds at most about ``max_overhead`` to the training time),
+    and at fit end, the monitor runs :func:`~lightning_swim.analysis.analyse_network` on a
     fixed probe set: each hidden ``nn.Linear`` is mapped in its own input space
     (:func:`~lightning_swim.map_network`), the maps give a per-point *pair importance*, successive
     maps are compared, and the network rebuilt from its pairs is compared with the original. Every
@@ -84,7 +86,10 @@ class PairImportanceMonitor(Callback):
 
     Args:
         every_n_train_steps: map every this many optimizer steps (exclusive with ``every_n_epochs``).
-        every_n_epochs: map every this many epochs (the default, 1, when neither is given).
+        every_n_epochs: map every this many epochs.
+        max_overhead: without either, map as often as keeps the maps' time below this share of the
+            training time (the steps then depend on the machine's speed: give a frequency for
+            reproducible schedules).
         probe: the probe set, ``x`` or ``(x, y)``; by default drawn from the train dataset.
         probe_size: examples drawn when ``probe`` is not given.
         seed: seed of the probe draw and of the transport's candidate draw.
@@ -100,8 +105,8 @@ class PairImportanceMonitor(Callback):
             default from the probe's targets (integer: classification), else from the output width.
         transport: also run :func:`~lightning_swim.transport_map` on every layer.
         n_candidates, blur, reach: options of the transport.
-        log_images: log the figures (rendering costs about 0.1-0.5 s each); ``"ends"`` only at fit
-            start and end.
+        log_images: log the figures at every map (True), only at fit start and end (``"ends"``, the
+            default: rendering costs 0.1-0.5 s a figure), or never (False).
         image_shape: the shape of one example as an image (default: guessed from the probe set).
         save_history: write every map to ``<log_dir>/swim_maps``.
         history_dir: where to write instead.
@@ -119,6 +124,7 @@ class PairImportanceMonitor(Callback):
         *,
         every_n_train_steps: int | None = None,
         every_n_epochs: int | None = None,
+        max_overhead: float = 0.1,
         probe: Tensor | tuple[Tensor, Tensor | None] | None = None,
         probe_size: int = 512,
         seed: int = 0,
@@ -136,7 +142,7 @@ class PairImportanceMonitor(Callback):
         n_candidates: int = 1024,
         blur: float = 0.1,
         reach: float | None = None,
-        log_images: bool | str = True,
+        log_images: bool | str = "ends",
         image_shape: tuple[int, ...] | None = None,
         save_history: bool = True,
         history_dir: str | os.PathLike[str] | None = None,
@@ -149,8 +155,8 @@ class PairImportanceMonitor(Callback):
             )
         check_positive_int(every_n_train_steps, "every_n_train_steps", allow_none=True)
         check_positive_int(every_n_epochs, "every_n_epochs", allow_none=True)
-        if every_n_train_steps is None and every_n_epochs is None:
-            every_n_epochs = 1
+        if not isinstance(max_overhead, (int, float)) or not 0 < max_overhead <= 10:
+            raise ValueError(f"Expected argument `max_overhead` in (0, 10] but got {max_overhead!r}.")
         check_positive_int(probe_size, "probe_size", minimum=2)
         if log_images not in (True, False, "ends"):
             raise ValueError(f"`log_images` can be True, False or 'ends', got {log_images!r}.")
@@ -179,6 +185,7 @@ class PairImportanceMonitor(Callback):
         )
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs
+        self.max_overhead = float(max_overhead)
         self.probe_size = probe_size
         self.seed = seed
         self.layer_patterns = list(layers) if layers is not None else None
@@ -195,6 +202,8 @@ class PairImportanceMonitor(Callback):
         self._importances: dict[str, list[Tensor]] = {}
         self._failed: set[str] = set()
         self._layout_written = False
+        self._last_map_end = 0.0  # perf_counter when the last map finished, and how long it took
+        self._last_map_seconds = 0.0
 
     @staticmethod
     def _split_probe(probe: Any) -> tuple[Tensor, Tensor | None] | None:
@@ -212,6 +221,7 @@ class PairImportanceMonitor(Callback):
         return self._generate_state_key(
             every_n_train_steps=self.every_n_train_steps,
             every_n_epochs=self.every_n_epochs,
+            max_overhead=self.max_overhead,
             layers=self.layer_patterns,
             seed=self.seed,
         )
@@ -243,12 +253,18 @@ class PairImportanceMonitor(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._skip(trainer) or (self._steps and self._steps[-1] == trainer.global_step):
+            return  # (several batches per step under gradient accumulation)
         n = self.every_n_train_steps
-        if n is None or self._skip(trainer) or trainer.global_step % n != 0:
-            return
-        if self._steps and self._steps[-1] == trainer.global_step:  # several batches per step (accumulation)
-            return
-        self._run(trainer, pl_module, "step")
+        if (n is not None and trainer.global_step % n == 0) or self._budget_allows():
+            self._run(trainer, pl_module, "step")
+
+    def _budget_allows(self) -> bool:
+        """Without a fixed frequency: map once the training time since the last map pays for it."""
+        if self.every_n_train_steps is not None or self.every_n_epochs is not None or not self._steps:
+            return False
+        since = time.perf_counter() - self._last_map_end
+        return since * self.max_overhead >= self._last_map_seconds
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -316,6 +332,8 @@ class PairImportanceMonitor(Callback):
                 save_map(path, record)
             self._previous = record
             self._steps.append(record.step)
+            self._last_map_end = time.perf_counter()
+            self._last_map_seconds = self._last_map_end - t0
             for name, imp in record.importance.items():
                 self._importances.setdefault(name, []).append(imp.float())
             elapsed = time.perf_counter() - t0

@@ -1,0 +1,72 @@
+"""Training with and without the PairImportanceMonitor at its default frequency, in one run.
+
+The digits MLP of the demo (64-128-64-10 ReLU, Adam, batch 64, a validation pass per epoch) is fit
+for ``--epochs`` epochs, alternately without and with ``PairImportanceMonitor()`` (default settings:
+maps at fit start and end and whenever the training time since the last map pays for the next at
+``max_overhead=0.1``; figures at start and end), ``--repeats`` times each. KeOps formulas are compiled
+by a warm-up fit first (a one-off ~10 s per formula that a second run of the same model skips).
+Prints the median wall time of ``Trainer.fit`` for both and their ratio.
+
+    python benchmarks/bench_monitor_overhead.py [--epochs 20] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_swim import PairImportanceMonitor
+from lightning_swim.demo import DigitsMLP
+
+
+def fit(epochs: int, monitored: bool, root: str) -> tuple[float, int]:
+    monitor = PairImportanceMonitor() if monitored else None
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        callbacks=[monitor] if monitor else [],
+        logger=TensorBoardLogger(root, name="bench"),
+        accelerator="cpu",
+        devices=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    model = DigitsMLP()
+    t0 = time.perf_counter()
+    trainer.fit(model)
+    return time.perf_counter() - t0, len(monitor._steps) if monitor else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    with tempfile.TemporaryDirectory() as root:
+        fit(2, True, root)  # warm-up: imports, KeOps compilation
+        plain, watched, maps = [], [], []
+        for _ in range(args.repeats):
+            plain.append(fit(args.epochs, False, root)[0])
+            seconds, n = fit(args.epochs, True, root)
+            watched.append(seconds)
+            maps.append(n)
+    p, w = statistics.median(plain), statistics.median(watched)
+    print(f"digits MLP, {args.epochs} epochs, median of {args.repeats} fits each")
+    print(f"  without monitor: {p:7.2f} s")
+    print(f"  with monitor:    {w:7.2f} s  ({statistics.median(maps):.0f} maps)")
+    print(f"  overhead:        {w / p:7.3f}x  (floor 1.25x, goal 1.10x)")
+
+
+if __name__ == "__main__":
+    main()
