@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import random
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
@@ -29,14 +32,36 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
     )
 
 
+@contextlib.contextmanager
+def isolated_rng() -> Iterator[None]:
+    """Leave torch's (CPU and CUDA), Python's and NumPy's global random states as they were.
+
+    A dataset's ``__getitem__`` may draw random augmentations from any of them; drawing a probe
+    set must not change what the training run sees afterwards.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002 - saving the legacy global
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)  # noqa: NPY002
+
+
 def probe_from_dataloader(loader: Any, size: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
     """A probe set of ``size`` examples from a ``DataLoader``.
 
     For a map-style dataset, ``size`` indices are drawn without replacement from the whole dataset
     with ``generator`` and collated with the loader's ``collate_fn``: the result does not depend on
     the loader's shuffling, workers or batch size. For an iterable dataset, the first batches are
-    taken (under ``torch.random.fork_rng``, so that the global RNG is left as it was).
+    taken. Either way every global RNG is left as it was (:func:`isolated_rng`).
     """
+    with isolated_rng():
+        return _probe(loader, size, generator)
+
+
+def _probe(loader: Any, size: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
     if not isinstance(loader, DataLoader):
         raise TypeError(
             f"Expected the train dataloader to be a torch DataLoader but got {type(loader).__name__}; "
@@ -52,14 +77,13 @@ def probe_from_dataloader(loader: Any, size: int, generator: torch.Generator) ->
         return split_batch(batch)
     xs: list[Tensor] = []
     ys: list[Tensor] = []
-    with torch.random.fork_rng(devices=[]):
-        for batch in loader:
-            x, y = split_batch(batch)
-            xs.append(x)
-            if y is not None:
-                ys.append(y)
-            if sum(len(t) for t in xs) >= size:
-                break
+    for batch in loader:
+        x, y = split_batch(batch)
+        xs.append(x)
+        if y is not None:
+            ys.append(y)
+        if sum(len(t) for t in xs) >= size:
+            break
     if not xs:
         raise ValueError("The train dataloader yielded no batches; cannot draw a probe set.")
     x = torch.cat(xs)[:size]

@@ -84,9 +84,22 @@ def duplicate_groups(x: Tensor) -> Tensor:
 
 
 def _d2_rows(x: Tensor, sq: Tensor, rows: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
-    """Squared distances from ``x[rows]`` to every point, ``[R, N]``, and the mask of excluded pairs."""
-    d2 = (sq[rows, None] + sq[None, :] - 2.0 * (x[rows] @ x.T)).clamp_min(0)
+    r"""Squared distances from ``x[rows]`` to every point, ``[R, N]``, and the mask of excluded pairs.
+
+    One GEMM gives :math:`|x_i|^2 + |x_j|^2 - 2\langle x_i, x_j\rangle`; where that cancels below the
+    rounding of its terms (close points far from the origin), the distance is recomputed from the
+    difference, so that near-duplicates keep a true, positive distance (as KeOps' ``sqdist`` gives).
+    """
+    norms = sq[rows, None] + sq[None, :]
+    d2 = norms - 2.0 * (x[rows] @ x.T)
     bad = groups[rows, None] == groups[None, :]
+    unsure = (d2 <= 8 * x.shape[1] ** 0.5 * torch.finfo(x.dtype).eps * norms) & ~bad
+    if bool(unsure.any()):
+        r, c = unsure.nonzero(as_tuple=True)
+        step = max(1, 2**24 // x.shape[1])
+        for s in range(0, len(r), step):
+            rs, cs = r[s : s + step], c[s : s + step]
+            d2[rs, cs] = ((x[rows[rs]] - x[cs]) ** 2).sum(1)
     return d2.masked_fill(bad, 1.0), bad
 
 

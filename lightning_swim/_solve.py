@@ -15,7 +15,8 @@ def _solve_normal_cpu(hc: Tensor, rhs: Tensor, dual: bool, ridge: float) -> Tens
     # torch.matmul on the 2-core machine this was measured on) and dpotrf reads only that triangle.
     a = hc.numpy().T
     gram = blas.dsyrk(1.0, a, trans=1 if dual else 0)
-    lam = ridge * max(float(np.trace(gram)) / gram.shape[0], np.finfo(np.float64).tiny)
+    # the mean eigenvalue of the p x p primal Gram matrix; tr(H H^T) = tr(H^T H), so the dual agrees
+    lam = ridge * max(float(np.trace(gram)) / hc.shape[1], np.finfo(np.float64).tiny)
     gram[np.diag_indices_from(gram)] += lam
     try:
         factor = scipy.linalg.cho_factor(gram, lower=False, overwrite_a=False, check_finite=False)
@@ -28,7 +29,7 @@ def _solve_normal_cpu(hc: Tensor, rhs: Tensor, dual: bool, ridge: float) -> Tens
 
 def _solve_normal_torch(hc: Tensor, rhs: Tensor, dual: bool, ridge: float) -> Tensor:
     gram = hc @ hc.T if dual else hc.T @ hc
-    lam = ridge * torch.diagonal(gram).mean().clamp_min(torch.finfo(torch.float64).tiny)
+    lam = ridge * (torch.diagonal(gram).sum() / hc.shape[1]).clamp_min(torch.finfo(torch.float64).tiny)
     gram.diagonal().add_(lam)
     chol, info = torch.linalg.cholesky_ex(gram)
     if int(info) == 0:

@@ -27,6 +27,7 @@ from lightning_swim._modelio import (
     linear_layers,
     require_activation,
 )
+from lightning_swim._search import BACKENDS
 from lightning_swim.history import MapRecord
 from lightning_swim.importance import (
     contribution_weights,
@@ -73,7 +74,7 @@ class AnalysisConfig:
         check_positive_int(self.top_k, "top_k")
         check_choice(self.refine, "refine", REFINE)
         check_positive_int(self.local_search, "local_search", minimum=0)
-        check_choice(self.backend, "backend", ("auto", "keops", "torch"))
+        check_choice(self.backend, "backend", BACKENDS)
         check_choice(self.neuron_weights, "neuron_weights", NEURON_WEIGHTS)
         check_positive_int(self.topk_points, "topk_points")
         if self.task is not None:
@@ -81,6 +82,12 @@ class AnalysisConfig:
         check_positive_int(self.n_candidates, "n_candidates")
         if not self.blur > 0:
             raise ValueError(f"Expected argument `blur` to be positive but got {self.blur!r}.")
+        if self.reach is not None and not self.reach > 0:
+            raise ValueError(f"Expected argument `reach` to be None or positive but got {self.reach!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"Expected argument `seed` to be an int but got {self.seed!r}.")
+        if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
+            raise ValueError(f"Expected argument `dtype` to be a floating torch.dtype but got {self.dtype!r}.")
 
 
 def neuron_weights_of(layers: list[LinearLayer], name: str, kind: str) -> Tensor | None:
@@ -163,11 +170,13 @@ def analyse_network(
     scalars: dict[str, float] = {}
     importance: dict[str, Tensor] = {}
     extra: dict[str, dict[str, Tensor]] = {}
+    if not maps:
+        raise ValueError("The model has no hidden nn.Linear layer to map (only an output layer).")
     for name, pm in maps.items():
         omega = neuron_weights_of(layers, name, config.neuron_weights)
-        imp = pair_importance(
-            pm, n, omega if omega is None or float(omega[pm.valid.to(omega.device)].sum()) > 0 else None
-        )
+        if omega is not None and float(omega[pm.valid.to(omega.device)].sum()) <= 0:
+            omega = None  # every mapped neuron weighs nothing: fall back to uniform weights
+        imp = pair_importance(pm, n, omega)
         importance[name] = imp
         ok = pm.valid
         tag = f"swim/{name}"

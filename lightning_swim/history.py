@@ -138,6 +138,6 @@ def remove_after(directory: str | os.PathLike[str], step: int) -> int:
     for p in Path(directory).glob("map_step*.npz"):
         m = _FILE.match(p.name)
         if m and int(m.group(1)) > step:
-            p.unlink()
+            p.unlink(missing_ok=True)
             removed += 1
     return removed

@@ -145,5 +145,7 @@ def cross_class_share(pm: PairMap, labels: Tensor) -> float:
     if int(ok.sum()) == 0:
         return float("nan")
     labels = labels.cpu()
-    lab = labels if labels.ndim == 1 else labels.argmax(1)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]  # a column of labels
+    lab = labels if labels.ndim == 1 else labels.argmax(1)  # else one-hot rows
     return float((lab[pm.idx_from.cpu()[ok]] != lab[pm.idx_to.cpu()[ok]]).double().mean())

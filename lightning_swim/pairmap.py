@@ -50,16 +50,22 @@ DEFAULT_MAX_MEMORY = 512 * 2**20
 
 @dataclass
 class PairMap:
-    """The pairs that explain a layer's neurons, one entry per neuron (``M`` of them).
+    r"""The pairs that explain a layer's neurons, one entry per neuron (``M`` of them).
 
     Attributes:
         idx_from: index ``i`` of each neuron's first point, ``[M]`` int64; ``-1`` for neurons that no
             pair can explain (zero or non-finite weights).
         idx_to: index ``j`` of the second point, ``[M]`` int64 (``-1`` likewise).
-        scale: the positive factor that carries a homogeneous neuron's magnitude, ``[M]``: the
-            neuron is ``scale * swim_neuron(x_i, x_j)`` up to the map's error. 1 for tanh/sigmoid.
+        scale: the factor ``c >= 0`` that carries a homogeneous neuron's magnitude, ``[M]``: the neuron is
+            ``c * swim_neuron(x_i, x_j)`` up to the map's error. With ``refine="none"`` it is
+            :math:`|w|\delta / s_1` (the norms match); with ``refine="function"`` the least-squares
+            ``c`` on the probe set (0 for a neuron that is zero on the whole probe set, whose
+            ``func_error`` is then 0). Always 1 for tanh and sigmoid.
         param_cost: the parameter-space cost of the pair, ``[M]``.
-        func_error: the relative function-space error of the pair on the probe set, ``[M]``.
+        func_error: the relative function-space error of the pair on the probe set, ``[M]``, with the
+            optimal output factor ``c`` (``c >= 0`` for homogeneous activations). For tanh and sigmoid
+            that factor is left to the next layer's weights: ``convert_network(output="refit")``
+            applies it, ``output="keep"`` does not.
         activation: the activation's registry name.
     """
 
@@ -80,6 +86,16 @@ class PairMap:
 
     def to(self, device: torch.device | str) -> PairMap:
         return PairMap(**{k: v.to(device) for k, v in self.tensors().items()}, activation=self.activation)
+
+    @staticmethod
+    def unmapped(m: int, activation: str, dtype: torch.dtype, device: torch.device) -> PairMap:
+        """A map of ``m`` neurons that are all flagged (index -1, NaN numbers), to be filled in."""
+
+        def nan() -> Tensor:
+            return torch.full((m,), float("nan"), dtype=dtype, device=device)
+
+        idx = torch.full((m,), -1, dtype=torch.long, device=device)
+        return PairMap(idx, idx.clone(), nan(), nan(), nan(), activation)
 
     def tensors(self) -> dict[str, Tensor]:
         """The per-neuron tensors by name (for saving)."""
@@ -102,6 +118,20 @@ def _check_layer(weight: Any, bias: Any, x: Tensor) -> tuple[Tensor, Tensor]:
         if not t.is_floating_point():
             raise TypeError(f"Expected argument `{name}` to have a floating dtype but got {t.dtype}.")
     return weight.detach().to(device=x.device, dtype=x.dtype), bias.detach().to(device=x.device, dtype=x.dtype)
+
+
+def mappable_neurons(weight: Tensor, bias: Tensor, *, stacklevel: int = 2) -> Tensor:
+    """``[M]`` bool: neurons with finite, non-zero weights; one warning counts the others."""
+    alive = torch.isfinite(weight).all(1) & torch.isfinite(bias) & (weight != 0).any(1)
+    n_flagged = int((~alive).sum())
+    if n_flagged:
+        warnings.warn(
+            f"{n_flagged} of {len(alive)} neurons have zero or non-finite weights; no pair can explain them and "
+            "they are flagged with index -1.",
+            RuntimeWarning,
+            stacklevel=stacklevel + 1,
+        )
+    return alive
 
 
 def _preactivation(x: Tensor, i: Tensor, j: Tensor, act: Activation) -> Tensor:
@@ -127,48 +157,47 @@ def _fit(h: Tensor, a: Tensor, homogeneous: bool) -> tuple[Tensor, Tensor]:
 
 
 class _Probe:
-    """The probe set of one layer, with its Gram matrix when that fits in ``max_memory``."""
+    """The probe set of one layer for the local search, with its Gram matrix if that fits in memory."""
 
     def __init__(self, x: Tensor, max_memory: int) -> None:
         self.x = x
         self.sq = (x * x).sum(1)
         self.groups = _search.duplicate_groups(x)
-        n = x.shape[0]
-        self.gram = x @ x.T if n * n * x.element_size() <= max_memory else None
-        self.chunk = max(1, max_memory // max(1, 4 * n * x.element_size()))
+        n, item = x.shape[0], x.element_size()
+        self.gram = x @ x.T if 2 * n * n * item <= max_memory else None
+        self.chunk = max(1, max_memory // (8 * n * item))  # rows of the [chunk, N] temporaries
 
-    def sweep_from(self, i: int, act: Activation) -> tuple[Tensor, Tensor]:
-        """Pre-activations ``[N, N]`` of the pairs ``(i, j)`` for every ``j`` (rows), and the excluded ``j``."""
+    def best_partner(self, k: int, a: Tensor, act: Activation, *, k_first: bool) -> tuple[int, Tensor, Tensor]:
+        """The partner ``p`` minimising the function-space error of the pair ``(k, p)`` (``k_first``) or
+        ``(p, k)``: ``(p, error, scale)``; the first of equals wins."""
         x, n = self.x, self.x.shape[0]
-        bad = self.groups == self.groups[i]
-        if self.gram is not None:
-            g = self.gram
-            d2 = (self.sq[i] + self.sq - 2 * g[i]).masked_fill(bad, 1.0)
-            z = (g - g[i][None, :] - g[i][:, None] + self.sq[i]) / d2[:, None]
-        else:
-            xc = x - x[i]
-            d2 = (xc * xc).sum(1).masked_fill(bad, 1.0)
-            z = torch.cat([xc[s : s + self.chunk] @ xc.T for s in range(0, n, self.chunk)]) / d2[:, None]
-        return act.s1 * z - act.s2, bad
-
-    def sweep_to(self, j: int, act: Activation) -> tuple[Tensor, Tensor]:
-        """Pre-activations ``[N, N]`` of the pairs ``(i, j)`` for every ``i`` (rows), and the excluded ``i``."""
-        x, n = self.x, self.x.shape[0]
-        bad = self.groups == self.groups[j]
-        if self.gram is not None:
-            g = self.gram
-            d2 = (self.sq[j] + self.sq - 2 * g[j]).masked_fill(bad, 1.0)
-            z = (g[j][None, :] - g - g[:, j][:, None] + self.sq[:, None]) / d2[:, None]
-        else:
-            u = x[j] - x  # [N(i), d]
-            d2 = (u * u).sum(1).masked_fill(bad, 1.0)
-            rows = [u[s : s + self.chunk] @ x.T for s in range(0, n, self.chunk)]
-            z = (torch.cat(rows) - (u * x).sum(1, keepdim=True)) / d2[:, None]
-        return act.s1 * z - act.s2, bad
+        bad = self.groups == self.groups[k]
+        diff = x - x[k]  # x_p - x_k
+        d2 = (diff * diff).sum(1).masked_fill(bad, 1.0)  # exact, not from the Gram matrix: near-duplicates
+        g = self.gram
+        best_p, best_e, best_c = -1, torch.tensor(float("inf"), dtype=x.dtype), torch.tensor(0.0, dtype=x.dtype)
+        for s in range(0, n, self.chunk):
+            e = min(n, s + self.chunk)
+            if k_first:  # z_p(x) = <x - x_k, x_p - x_k> / |x_p - x_k|^2
+                dot = g[s:e] - g[k][None, :] - g[k, s:e][:, None] + self.sq[k] if g is not None else diff[s:e] @ diff.T
+            else:  # z_p(x) = <x - x_p, x_k - x_p> / |x_k - x_p|^2
+                u = -diff[s:e]
+                dot = (
+                    g[k][None, :] - g[s:e] - g[s:e, k][:, None] + self.sq[s:e, None]
+                    if g is not None
+                    else u @ x.T - (u * x[s:e]).sum(1, keepdim=True)
+                )
+            err, c = _fit(act(act.s1 * dot / d2[s:e, None] - act.s2), a, act.homogeneous)
+            err = err.masked_fill(bad[s:e], float("inf"))
+            j = int(torch.argmin(err))
+            if err[j] < best_e:
+                best_p, best_e, best_c = s + j, err[j], c[j]
+        return best_p, best_e, best_c
 
 
 def _refine(
-    probe: _Probe,
+    x: Tensor,
+    probe: _Probe | None,
     act: Activation,
     a: Tensor,
     cand_i: Tensor,
@@ -185,23 +214,18 @@ def _refine(
     for m in range(M):
         valid = torch.isfinite(cand_cost[m])  # fewer than top_k pairs of distinct points: inf padding
         ci, cj = cand_i[m][valid], cand_j[m][valid]
-        err, c = _fit(act(_preactivation(probe.x, ci, cj, act)), a[:, m], act.homogeneous)
+        err, c = _fit(act(_preactivation(x, ci, cj, act)), a[:, m], act.homogeneous)
         s = int(torch.argmin(err))
         i, j, e, scale = int(ci[s]), int(cj[s]), err[s], c[s]
         for _ in range(local_search):
+            assert probe is not None
             improved = False
-            z, bad = probe.sweep_from(i, act)
-            err, c = _fit(act(z), a[:, m], act.homogeneous)
-            err = err.masked_fill(bad, float("inf"))
-            s = int(torch.argmin(err))
-            if err[s] < e:
-                j, e, scale, improved = s, err[s], c[s], True
-            z, bad = probe.sweep_to(j, act)
-            err, c = _fit(act(z), a[:, m], act.homogeneous)
-            err = err.masked_fill(bad, float("inf"))
-            s = int(torch.argmin(err))
-            if err[s] < e:
-                i, e, scale, improved = s, err[s], c[s], True
+            p, err_p, c_p = probe.best_partner(i, a[:, m], act, k_first=True)
+            if err_p < e:
+                j, e, scale, improved = p, err_p, c_p, True
+            p, err_p, c_p = probe.best_partner(j, a[:, m], act, k_first=False)
+            if err_p < e:
+                i, e, scale, improved = p, err_p, c_p, True
             if not improved:
                 break
         best_i[m], best_j[m], best_e[m], best_c[m] = i, j, e, scale
@@ -226,7 +250,8 @@ def map_layer(
         weight: the layer's weight, ``[M, d]`` (``nn.Linear.weight``).
         bias: the layer's bias, ``[M]``.
         x: the layer's inputs on the probe set, ``[N, d]``; computations run in its dtype and on its
-            device (float64 for exact comparisons).
+            device. In float32, rounding can change which of two nearly equal pairs wins, more so for
+            inputs far from the origin relative to their spread: use float64 for exact comparisons.
         activation: the activation that follows the layer (a name or an ``Activation``).
         top_k: number of cheapest parameter-space pairs per neuron passed to the refinement.
         refine: ``"function"`` to re-rank the ``top_k`` pairs in function space and improve them by
@@ -258,25 +283,9 @@ def map_layer(
     check_positive_int(max_memory, "max_memory")
 
     M = weight.shape[0]
-    finite = torch.isfinite(weight).all(1) & torch.isfinite(bias)
-    alive = finite & (weight != 0).any(1)
-    out = PairMap(
-        idx_from=torch.full((M,), -1, dtype=torch.long, device=x.device),
-        idx_to=torch.full((M,), -1, dtype=torch.long, device=x.device),
-        scale=torch.full((M,), float("nan"), dtype=x.dtype, device=x.device),
-        param_cost=torch.full((M,), float("nan"), dtype=x.dtype, device=x.device),
-        func_error=torch.full((M,), float("nan"), dtype=x.dtype, device=x.device),
-        activation=act.name,
-    )
-    n_flagged = M - int(alive.sum())
-    if n_flagged:
-        warnings.warn(
-            f"{n_flagged} of {M} neurons have zero or non-finite weights; no pair can explain them and they "
-            "are flagged with index -1.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    if n_flagged == M:
+    alive = mappable_neurons(weight, bias, stacklevel=3)
+    out = PairMap.unmapped(M, act.name, x.dtype, x.device)
+    if not bool(alive.any()):
         return out
     w, b = weight[alive], bias[alive]
     fam = _search.Family.of(act)
@@ -287,7 +296,8 @@ def map_layer(
 
     a = act(x @ w.T + b)  # [N, M'] the trained neurons' activations on the probe set
     if refine == "function":
-        i, j, err, c = _refine(_Probe(x, max_memory), act, a, cand_i, cand_j, cand_cost, local_search)
+        probe = _Probe(x, max_memory) if local_search > 0 else None  # the Gram matrix only when searched
+        i, j, err, c = _refine(x, probe, act, a, cand_i, cand_j, cand_cost, local_search)
     else:
         i, j = cand_i[:, 0], cand_j[:, 0]
         err, _ = _fit(act(_preactivation(x, i, j, act)), a.T, act.homogeneous)

@@ -15,7 +15,19 @@ import torch  # noqa: E402
 from helpers import MLPModule  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
-from lightning_swim import PairImportanceMonitor  # noqa: E402
+from lightning_swim import PairImportanceMonitor, SWIMInit  # noqa: E402
+
+
+class SaveInitial(pl.Callback):
+    """Every rank writes the weights it starts training from (after SWIMInit)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        torch.save(pl_module.state_dict(), self.out / f"initial_rank{trainer.global_rank}.pt")
+
+
 from lightning_swim._datasets import digits  # noqa: E402
 
 
@@ -32,7 +44,7 @@ def main() -> None:
         accelerator="cpu",
         devices=2,
         max_steps=6,
-        callbacks=[monitor],
+        callbacks=[SWIMInit(probe_size=64, seed=1), monitor, SaveInitial(out)],
         logger=TensorBoardLogger(out, name="tb"),
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -97,6 +97,7 @@ class TestDrift:
         assert cross_class_share(pm([0, 0, 2, -1], [1, 2, 3, -1]), labels) == 1 / 3
         onehot = nn.functional.one_hot(labels, 2)
         assert cross_class_share(pm([0, 0], [1, 2]), onehot) == 0.5
+        assert cross_class_share(pm([0, 0], [1, 2]), labels[:, None]) == 0.5  # a column of labels
 
 
 class TestFidelity:

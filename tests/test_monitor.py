@@ -224,6 +224,83 @@ class TestNeverDisturbsTraining:
         assert t.current_epoch == 2
 
 
+class _Augmented(torch.utils.data.Dataset):
+    """Each item is the digit plus fresh noise from the global torch RNG (a random augmentation)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.01 * torch.randn(self.x.shape[1]), self.y[i]
+
+
+class _AugmentedModule(MLPModule):
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(_Augmented(self.x, self.y), batch_size=self.batch_size, shuffle=True)
+
+
+class TestRobustness:
+    def test_random_augmentation_in_the_dataset_is_not_disturbed(self, tmp_path, data):
+        x, y = data
+
+        def run(callbacks, root):
+            pl.seed_everything(3, verbose=False)
+            module = _AugmentedModule([64, 12, 10], x, y)
+            trainer(root, callbacks=callbacks, max_steps=8, max_epochs=5, logger=False).fit(module)
+            return copy.deepcopy(module.state_dict()), torch.random.get_rng_state()
+
+        plain, rng = run([], tmp_path / "a")
+        from lightning_swim import SWIMInit
+
+        monitor = PairImportanceMonitor(every_n_train_steps=4, probe_size=40, top_k=4, log_images=False)
+        watched, rng_watched = run([monitor], tmp_path / "b")
+        assert torch.equal(rng, rng_watched)
+        for k, v in plain.items():
+            assert torch.equal(v, watched[k]), k
+        # SWIMInit changes the weights by design, but not the data order or the augmentations drawn
+        pl.seed_everything(3, verbose=False)
+        _AugmentedModule([64, 12, 10], x, y).train_dataloader()
+        _, rng_swim = run([SWIMInit(probe_size=40)], tmp_path / "c")
+        assert torch.equal(rng, rng_swim)
+
+    def test_a_probe_that_cannot_be_drawn_warns_and_training_goes_on(self, tmp_path, data):
+        x, y = data
+
+        class TwoLoaders(MLPModule):
+            def train_dataloader(self):
+                loader = super().train_dataloader()
+                return {"a": loader, "b": loader}
+
+            def training_step(self, batch, batch_idx):
+                return super().training_step(batch["a"], batch_idx)
+
+        with pytest.warns(UserWarning, match="could not draw a probe set.*training goes on"):
+            t = fit(tmp_path, TwoLoaders([64, 8, 10], x, y), PairImportanceMonitor(probe_size=20), max_epochs=2)
+        assert t.current_epoch == 2
+
+    def test_a_failed_first_map_does_not_stop_later_ones(self, tmp_path, data, monkeypatch):
+        import lightning_swim.callbacks.pair_importance as mod
+
+        real = mod.analyse_network
+        calls = {"n": 0}
+
+        def flaky(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("transient")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(mod, "analyse_network", flaky)
+        x, y = data
+        monitor = PairImportanceMonitor(max_overhead=10.0, probe_size=32, top_k=4, fidelity=False)
+        with pytest.warns(UserWarning, match="transient"):
+            fit(tmp_path, MLPModule([64, 8, 10], x, y), monitor, max_epochs=6)
+        assert 0 not in monitor._steps and len(monitor._steps) > 1
+
+
 class TestCheckpoints:
     def test_resume_continues_the_same_history(self, tmp_path, data):
         x, y = data
@@ -314,7 +391,8 @@ class TestArguments:
 
 
 def test_ddp_on_cpu(tmp_path):
-    """Two processes (gloo): rank zero maps and logs, no hang, and the maps equal a single-process map."""
+    """Two processes (gloo): rank zero maps and logs, no hang, the maps equal a single-process map, and
+    SWIMInit gives both replicas one initialisation."""
     out = subprocess.run(
         [sys.executable, str(HERE / "ddp_monitor_script.py"), str(tmp_path)],
         capture_output=True,
@@ -332,3 +410,7 @@ def test_ddp_on_cpu(tmp_path):
     assert torch.equal(history[-1].maps["net.0"].idx_from, direct["net.0"].idx_from)
     assert torch.equal(history[-1].maps["net.0"].idx_to, direct["net.0"].idx_to)
     assert (tmp_path / "rank1_done").exists()
+    # SWIMInit under DDP: both replicas start from rank zero's sample
+    r0, r1 = torch.load(tmp_path / "initial_rank0.pt"), torch.load(tmp_path / "initial_rank1.pt")
+    for k, v in r0.items():
+        assert torch.equal(v, r1[k]), k

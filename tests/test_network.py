@@ -179,6 +179,12 @@ class TestNetworkPlumbing:
         with pytest.raises(ValueError, match="`gelu`"):
             map_network(model, torch.randn(10, 3))
 
+    def test_analysis_needs_a_hidden_layer(self):
+        from lightning_swim import analyse_network
+
+        with pytest.raises(ValueError, match="no hidden nn.Linear"):
+            analyse_network(nn.Sequential(nn.Linear(3, 2)), torch.randn(10, 3))
+
     def test_layer_errors_name_the_layer(self):
         model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
         with torch.no_grad():

@@ -72,12 +72,28 @@ class TestExactSearch:
         torch.testing.assert_close(c, order.values[:, :15])
         assert torch.equal(i * len(x) + j, order.indices[:, :15])
 
-    def test_scale_carries_the_magnitude(self):
+    @pytest.mark.parametrize("refine", ["none", "function"])
+    def test_a_rescaled_relu_neuron_keeps_its_pair_and_scales_its_scale(self, refine):
         w, b, x = random_layer(30, 5, 8, seed=3)
-        pm = map_layer(w, b, x, refine="none")
-        sw, _ = swim_neurons(x[pm.idx_from], x[pm.idx_to])
-        # normalised parameters match up to the map's cost; the scale restores |w|
-        torch.testing.assert_close((pm.scale[:, None] * sw).norm(dim=1), w.norm(dim=1))
+        c = torch.linspace(0.1, 7.0, 8, dtype=F64)
+        base = map_layer(w, b, x, refine=refine, top_k=8, backend="torch")
+        scaled = map_layer(c[:, None] * w, c * b, x, refine=refine, top_k=8, backend="torch")
+        assert torch.equal(base.idx_from, scaled.idx_from) and torch.equal(base.idx_to, scaled.idx_to)
+        torch.testing.assert_close(scaled.scale, c * base.scale)
+        torch.testing.assert_close(scaled.param_cost, base.param_cost)
+        torch.testing.assert_close(scaled.func_error, base.func_error)
+
+    def test_float32_near_duplicates_far_from_the_origin(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(200, 5, generator=g) + 100
+        x = torch.cat([x, x[:20] + 1e-4 * torch.randn(20, 5, generator=g)])  # distinct, but nearly equal
+        w = torch.randn(8, 5, generator=g)
+        b = -(w * x[:8]).sum(1)
+        single = map_layer(w, b, x, refine="none", backend="torch")
+        double = map_layer(w.double(), b.double(), x.double(), refine="none", backend="torch")
+        assert bool(torch.isfinite(single.param_cost).all())
+        # rounding may pick another pair of nearly the same cost, never a much worse one
+        assert bool((single.param_cost.double() <= double.param_cost + 0.05).all())
 
     @settings(max_examples=15, deadline=None)
     @given(

@@ -123,12 +123,12 @@ class TestLeavesTheWorldAsItWas:
         # layer 2's inputs all coincide (layer 1 has a single dead-ish unit set to zero)
         x, y = _regression_data(50, 0)
         model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
-        before = copy.deepcopy(model.state_dict())
         with torch.no_grad():
             model[0].weight.zero_()
             model[0].bias.fill_(-1.0)
         before = copy.deepcopy(model.state_dict())
-        # layer "0" will be resampled fine, so make "2" fail: freeze layer 0 out of the sampling
+        # sample layer "2" only: its inputs, relu(layer 0) = 0, are one point, and the output layer was to be
+        # solved after it: nothing may change
         with pytest.raises(ValueError, match=r"Layer '2'.*distinct points"):
             SWIMInit(layers=["2"]).apply(model, x, y)
         for k, v in model.state_dict().items():
@@ -249,6 +249,14 @@ class TestCallback:
         torch.random.set_rng_state(state)
         trainer(tmp_path, max_steps=1, callbacks=[SWIMInit(probe_size=300)]).fit(MLPModule([64, 32, 10], xtr, ytr))
         assert torch.equal(after_plain, torch.random.get_rng_state())
+
+    def test_uniform_pairs_still_solve_the_output_layer(self, tmp_path):
+        xtr, ytr, xte, yte = digits()
+        module = MLPModule([64, 64, 10], xtr, ytr)
+        record = _Record()
+        trainer(tmp_path, max_steps=1, callbacks=[SWIMInit(task="uniform", probe_size=600), record]).fit(module)
+        module.load_state_dict(record.weights)
+        assert _accuracy(module, xte, yte) > 0.8  # the least-squares output layer makes it a classifier
 
     def test_resume_keeps_the_checkpoint_weights(self, tmp_path):
         xtr, ytr, _, _ = digits()

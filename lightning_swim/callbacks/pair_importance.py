@@ -204,6 +204,7 @@ class PairImportanceMonitor(Callback):
         self._layout_written = False
         self._last_map_end = 0.0  # perf_counter when the last map finished, and how long it took
         self._last_map_seconds = 0.0
+        self._resumed_after: int | None = None
 
     @staticmethod
     def _split_probe(probe: Any) -> tuple[Tensor, Tensor | None] | None:
@@ -245,7 +246,14 @@ class PairImportanceMonitor(Callback):
         if self._skip(trainer):
             return
         if self._x is None:
-            self._draw_probe(trainer)
+            try:
+                self._draw_probe(trainer)
+            except Exception as err:  # the monitor never stops training
+                self._warn_once(err, "could not draw a probe set; no map will be made")
+                return
+        if self._resumed_after is not None and trainer.is_global_zero and self.history_dir is not None:
+            remove_after(self.history_dir, self._resumed_after)  # the abandoned run's maps after the checkpoint
+        self._resumed_after = None
         if not self._steps:  # a resumed run continues its history: no extra map at its start
             self._run(trainer, pl_module, "start")
 
@@ -261,7 +269,7 @@ class PairImportanceMonitor(Callback):
 
     def _budget_allows(self) -> bool:
         """Without a fixed frequency: map once the training time since the last map pays for it."""
-        if self.every_n_train_steps is not None or self.every_n_epochs is not None or not self._steps:
+        if self.every_n_train_steps is not None or self.every_n_epochs is not None or self._last_map_end == 0.0:
             return False
         since = time.perf_counter() - self._last_map_end
         return since * self.max_overhead >= self._last_map_seconds
@@ -310,8 +318,8 @@ class PairImportanceMonitor(Callback):
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
         if not trainer.is_global_zero or self._x is None:
             return
+        t0 = time.perf_counter()
         try:
-            t0 = time.perf_counter()
             config = dataclasses.replace(self.config, layers=self._layers(pl_module))
             with self._progress(trainer) as progress:
                 record = analyse_network(
@@ -332,8 +340,6 @@ class PairImportanceMonitor(Callback):
                 save_map(path, record)
             self._previous = record
             self._steps.append(record.step)
-            self._last_map_end = time.perf_counter()
-            self._last_map_seconds = self._last_map_end - t0
             for name, imp in record.importance.items():
                 self._importances.setdefault(name, []).append(imp.float())
             elapsed = time.perf_counter() - t0
@@ -341,13 +347,16 @@ class PairImportanceMonitor(Callback):
                 n_layers, step = len(record.maps), record.step
                 rank_zero_info(f"PairImportanceMonitor: mapped {n_layers} layer(s) at step {step} in {elapsed:.1f} s.")
         except Exception as err:  # a map never stops training
-            key = type(err).__name__
-            if key not in self._failed:
-                self._failed.add(key)
-                rank_zero_warn(
-                    f"PairImportanceMonitor: the map at step {trainer.global_step} failed and is skipped; training "
-                    f"goes on. {key}: {err}"
-                )
+            self._warn_once(err, f"the map at step {trainer.global_step} failed and is skipped")
+        finally:  # also after a failure: the overhead budget counts the time spent
+            self._last_map_end = time.perf_counter()
+            self._last_map_seconds = self._last_map_end - t0
+
+    def _warn_once(self, err: Exception, what: str) -> None:
+        key = type(err).__name__
+        if key not in self._failed:
+            self._failed.add(key)
+            rank_zero_warn(f"PairImportanceMonitor: {what}; training goes on. {key}: {err}")
 
     @contextlib.contextmanager
     def _progress(self, trainer: pl.Trainer) -> Iterator[Callable[[str], None] | None]:
@@ -357,9 +366,17 @@ class PairImportanceMonitor(Callback):
             return
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as bar:
+        bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True)
+        try:
+            bar.start()
+        except Exception:  # another live display (RichProgressBar) owns the console: no spinner then
+            yield None
+            return
+        try:
             task = bar.add_task(f"SWIM map at step {trainer.global_step}")
             yield lambda stage: bar.update(task, description=f"SWIM map at step {trainer.global_step}: {stage}")
+        finally:
+            bar.stop()
 
     # -- logging ---------------------------------------------------------------------------------
 
@@ -460,6 +477,6 @@ class PairImportanceMonitor(Callback):
             self._previous = MapRecord(prev["step"], prev["epoch"], maps, dict(prev["importance"]))
         if state_dict.get("history_dir") and self.history_dir is None:
             self.history_dir = Path(state_dict["history_dir"])
-        if self.history_dir is not None and self.history_dir.is_dir() and self._steps:
-            remove_after(self.history_dir, self._steps[-1])  # the abandoned run's maps after the checkpoint
+        if self._steps:  # files of the abandoned run after the checkpoint go at train start, on rank zero
+            self._resumed_after = self._steps[-1]
         self._layout_written = bool(state_dict.get("layout_written", False))

@@ -26,9 +26,9 @@ from lightning_swim.sampling import TASKS, sample_pairs, swim_neurons
 __all__ = ["SWIMInit"]
 
 
-def output_targets(y: Tensor, out_features: int, task: str) -> Tensor:
-    """Least-squares targets ``[N, out_features]`` for the output layer: one-hot rows for labels."""
-    if task == "classification" and y.ndim == 1:
+def output_targets(y: Tensor, out_features: int) -> Tensor:
+    """Least-squares targets ``[N, out_features]`` for the output layer: one-hot rows for integer labels."""
+    if not y.is_floating_point() and y.ndim == 1:
         labels = y.long()
         if out_features == 1:
             return labels.unsqueeze(1).double()
@@ -161,7 +161,7 @@ class SWIMInit(Callback):
                 if fit_output:
                     assert y is not None
                     h = capture_inputs(model, x, [output.name], batch_size=self.batch_size)[output.name]
-                    t = output_targets(y.to(h.device), output.module.out_features, task)
+                    t = output_targets(y.to(h.device), output.module.out_features)
                     w, b = ridge_lstsq(h, t, self.ridge)
                     output.module.weight.copy_(w)
                     output.module.bias.copy_(b)
@@ -204,9 +204,14 @@ class SWIMInit(Callback):
         x, y = probe_from_dataloader(
             trainer.train_dataloader, self.probe_size, torch.Generator().manual_seed(self.seed)
         )
-        if self.task == "uniform":
-            y = None
         pairs = self.apply(pl_module, x, y)
+        if trainer.world_size > 1:
+            # DDP broadcast the initial weights when it wrapped the model, before this hook: make every
+            # replica start from rank zero's sample (probes differ per rank with sharded datasets)
+            state = trainer.strategy.broadcast({k: v.detach().cpu() for k, v in pl_module.state_dict().items()}, src=0)
+            with torch.no_grad():
+                for k, v in pl_module.state_dict().items():
+                    v.copy_(state[k].to(v.device))
         rank_zero_info(
             f"SWIMInit: sampled {len(pairs)} hidden layer(s) from {len(x)} probe examples"
             + (" and solved the output layer." if self.fit_output and y is not None else ".")
