@@ -8,6 +8,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -18,6 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lightning_swim import PairImportanceMonitor, load_history, load_probe, map_network
 from lightning_swim._datasets import digits, log_2d
+from lightning_swim.callbacks import pair_importance
 
 HERE = Path(__file__).parent
 
@@ -129,14 +131,16 @@ class TestLogging:
         assert list(history[0].maps) == ["net.2"]
         assert torch.equal(load_probe(t.log_dir)[0], x[:50])
 
-    def test_default_schedule_keeps_to_the_overhead_budget(self, tmp_path, data):
+    @pytest.mark.parametrize(("max_overhead", "steps"), [(1e-4, [0, 15]), (0.5, [0, 4, 8, 12, 15]), (10.0, list(range(16)))])
+    def test_default_schedule_keeps_to_the_overhead_budget(self, tmp_path, data, monkeypatch, max_overhead, steps):
+        # A clock that ticks one second per reading makes the schedule exact: a map spans two readings
+        # (2 s), and one reading (1 s) passes per training step, so a map is due once `since * max_overhead >= 2`.
+        ticks = iter(range(10**6))
+        monkeypatch.setattr(pair_importance, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
         x, y = data
-        frugal = PairImportanceMonitor(max_overhead=1e-4, probe_size=32, top_k=4)
-        fit(tmp_path / "a", MLPModule([64, 8, 10], x, y), frugal, max_epochs=3)
-        assert frugal._steps == [0, 15]  # only at fit start and end: training is far too short to pay for more
-        eager = PairImportanceMonitor(max_overhead=10.0, probe_size=32, top_k=4, fidelity=False)
-        fit(tmp_path / "b", MLPModule([64, 8, 10], x, y), eager, max_epochs=10)
-        assert len(eager._steps) > 2 and eager._steps[-1] == 50  # maps in between, where time allowed
+        monitor = PairImportanceMonitor(max_overhead=max_overhead, probe_size=32, top_k=4, fidelity=False)
+        fit(tmp_path, MLPModule([64, 8, 10], x, y), monitor, max_epochs=3)
+        assert monitor._steps == steps
 
     def test_skipped_in_fast_dev_run(self, tmp_path, data):
         x, y = data

@@ -102,6 +102,10 @@ class TestAgainstReferences:
 
 
 class TestSwimVersusKaiming:
+    # Half the pool's candidates coincide with the layer's neurons: a near-degenerate plan on which
+    # Sinkhorn's potentials settle slowly (the divergence is the same to 1e-14 after 5,000 or 100,000
+    # iterations), so the warning that they have not met `tol` is expected here.
+    @pytest.mark.filterwarnings("ignore:Sinkhorn did not converge:RuntimeWarning")
     def test_swim_layer_is_near_its_pool_and_kaiming_is_not(self):
         xtr, ytr, _, _ = digits(dtype=F64)
         x, y = xtr[:600], ytr[:600]
