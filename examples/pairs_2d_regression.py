@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> list:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
     model = BumpRegressor()
-    monitor = PairImportanceMonitor(every_n_epochs=args.every, probe_size=400)
+    monitor = PairImportanceMonitor(every_n_epochs=args.every, probe_size=400, log_images=True)
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         callbacks=[monitor],

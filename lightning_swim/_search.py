@@ -70,12 +70,22 @@ def neuron_terms(weight: Tensor, bias: Tensor, x: Tensor, act: Activation) -> tu
     return act.s1 * proj, bias + act.s2, (weight * weight).sum(1)
 
 
-def _f(fam: Family, d2: Tensor, sq_i: Tensor, sq_j: Tensor, v_i: Tensor, v_j: Tensor, gamma: Tensor) -> Tensor:
-    """The neuron-dependent part of the cost; ``d2``, ``sq_*`` broadcast against ``v_*`` and ``gamma``."""
+def _pair_terms(fam: Family, d2: Tensor, sq_i: Tensor, sq_j: Tensor) -> tuple[Tensor, Tensor]:
+    """The neuron-independent factors of the cost: ``(rho, kappa t rho)``, broadcast like ``d2``."""
     rho = fam.rho(d2)
     t = 0.5 * (sq_i - sq_j + d2)
-    f = -2.0 * (v_j - v_i) * rho + (fam.kappa * t * rho - gamma) ** 2
+    return rho, fam.kappa * t * rho
+
+
+def _f_terms(fam: Family, rho: Tensor, ktr: Tensor, v_i: Tensor, v_j: Tensor, gamma: Tensor) -> Tensor:
+    """The neuron-dependent part of the cost from the pair factors of :func:`_pair_terms`."""
+    f = -2.0 * (v_j - v_i) * rho + (ktr - gamma) ** 2
     return f + fam.alpha * rho if fam.alpha else f
+
+
+def _f(fam: Family, d2: Tensor, sq_i: Tensor, sq_j: Tensor, v_i: Tensor, v_j: Tensor, gamma: Tensor) -> Tensor:
+    """The neuron-dependent part of the cost; ``d2``, ``sq_*`` broadcast against ``v_*`` and ``gamma``."""
+    return _f_terms(fam, *_pair_terms(fam, d2, sq_i, sq_j), v_i, v_j, gamma)
 
 
 def duplicate_groups(x: Tensor) -> Tensor:
@@ -237,13 +247,42 @@ def topk_pairs(
     out_i = torch.empty(M, k, dtype=torch.long, device=x.device)
     out_j = torch.empty_like(out_i)
     out_c = torch.empty(M, k, dtype=x.dtype, device=x.device)
-    for m in range(M):
-        anchors = order[m, :n_anchor].sort().values  # ascending: flat order is lexicographic (i, j)
-        d2, bad = _d2_rows(x, sq, anchors, groups)
-        f = _f(fam, d2, sq[anchors, None], sq[None, :], v[anchors, m, None], v[None, :, m], gamma[m])
-        f = f.masked_fill(bad, float("inf")).reshape(-1)
-        best = torch.sort(f, stable=True).indices[:k]
-        out_i[m], out_j[m], out_c[m] = anchors[best // N], best % N, f[best] + c0[m]
+    block = max(1, 2**22 // (n_anchor * N))  # neurons at a time: [block, n_anchor, N] costs of ~4M entries
+    table = None
+    if N * N <= 2**22:  # small probe sets: the pair factors of all N^2 pairs once, gathered per neuron
+        d2_all, bad_all = _d2_rows(x, sq, torch.arange(N, device=x.device), groups)
+        table = (*_pair_terms(fam, d2_all, sq[:, None], sq[None, :]), bad_all)
+    for m0 in range(0, M, block):
+        ms = torch.arange(m0, min(m0 + block, M), device=x.device)
+        anchors = order[ms, :n_anchor].sort(dim=1).values  # ascending: flat order is lexicographic (i, j)
+        flat, shape = anchors.reshape(-1), (len(ms), n_anchor, N)
+        if table is not None:
+            rho, ktr, bad = (t[flat].view(shape) for t in table)
+        else:
+            d2, bad = (t.view(shape) for t in _d2_rows(x, sq, flat, groups))
+            rho, ktr = _pair_terms(fam, d2, sq[anchors][..., None], sq[None, None, :])
+        v_i = v[anchors, ms[:, None], None]
+        f = _f_terms(fam, rho, ktr, v_i, v.T[ms][:, None, :], gamma[ms, None, None])
+        f = f.masked_fill(bad, float("inf")).reshape(len(ms), -1)
+        # the k-th smallest cost bounds the winners; a stable sort of the (few) entries up to it breaks
+        # ties by flat index, exactly as a stable sort of the whole row would
+        kth = torch.topk(f, k, dim=1, largest=False, sorted=False).values.amax(1, keepdim=True)
+        within = f <= kth
+        counts = within.sum(1)
+        exact = counts == k  # no tie at the k-th cost: the k winners are known, in flat-index order
+        if bool(exact.any()):
+            rows = exact.nonzero().squeeze(1)
+            cand = within[rows].nonzero()[:, 1].view(len(rows), k)
+            vals = f[rows[:, None], cand]
+            order_k = torch.sort(vals, dim=1, stable=True).indices
+            best, vals = cand.gather(1, order_k), vals.gather(1, order_k)
+            mr = ms[rows]
+            out_i[mr], out_j[mr], out_c[mr] = anchors[rows[:, None], best // N], best % N, vals + c0[mr, None]
+        for r in (~exact).nonzero().squeeze(1).tolist():  # ties at the k-th cost: more than k candidates
+            m = int(ms[r])
+            cand = torch.nonzero(within[r]).squeeze(1)
+            best = cand[torch.sort(f[r, cand], stable=True).indices[:k]]
+            out_i[m], out_j[m], out_c[m] = anchors[r, best // N], best % N, f[r, best] + c0[m]
     return out_i, out_j, out_c
 
 

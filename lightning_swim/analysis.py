@@ -55,7 +55,7 @@ class AnalysisConfig:
 
     layers: tuple[str, ...] | None = None
     activations: ActivationSpec = None
-    top_k: int = 32
+    top_k: int = 16
     refine: str = "function"
     local_search: int = 0
     backend: str = "auto"

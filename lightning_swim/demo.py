@@ -90,7 +90,9 @@ def run_demo(
     _quiet_lightning()
     t0 = time.perf_counter()
     model = DigitsMLP(widths=widths, seed=seed)
-    monitor = PairImportanceMonitor(every_n_epochs=every, probe_size=probe_size, seed=seed, transport=True)
+    monitor = PairImportanceMonitor(
+        every_n_epochs=every, probe_size=probe_size, seed=seed, transport=True, log_images=True
+    )
     logger = TensorBoardLogger(logdir, name="demo", default_hp_metric=False)
     trainer = pl.Trainer(
         max_epochs=epochs,

@@ -211,12 +211,21 @@ def _refine(
     best_j = torch.empty_like(best_i)
     best_e = torch.empty(M, dtype=a.dtype, device=a.device)
     best_c = torch.empty_like(best_e)
-    for m in range(M):
-        valid = torch.isfinite(cand_cost[m])  # fewer than top_k pairs of distinct points: inf padding
-        ci, cj = cand_i[m][valid], cand_j[m][valid]
-        err, c = _fit(act(_preactivation(x, ci, cj, act)), a[:, m], act.homogeneous)
-        s = int(torch.argmin(err))
-        i, j, e, scale = int(ci[s]), int(cj[s]), err[s], c[s]
+    K, N = cand_i.shape[1], x.shape[0]
+    block = max(1, 2**22 // (K * N))  # neurons at a time: [block, K, N] pre-activations of ~4M entries
+    for m0 in range(0, M, block):
+        ms = slice(m0, min(m0 + block, M))
+        ci, cj = cand_i[ms], cand_j[ms]
+        valid = torch.isfinite(cand_cost[ms])  # fewer than top_k pairs of distinct points: inf padding
+        ci, cj = ci.masked_fill(~valid, 0), cj.masked_fill(~valid, 1)
+        h = act(_preactivation(x, ci.reshape(-1), cj.reshape(-1), act)).view(*ci.shape, N)
+        err, c = _fit(h, a[:, ms].T[:, None, :], act.homogeneous)
+        err = err.masked_fill(~valid, float("inf"))
+        s = torch.argmin(err, dim=1, keepdim=True)
+        best_i[ms], best_j[ms] = ci.gather(1, s)[:, 0], cj.gather(1, s)[:, 0]
+        best_e[ms], best_c[ms] = err.gather(1, s)[:, 0], c.gather(1, s)[:, 0]
+    for m in range(M if local_search else 0):
+        i, j, e, scale = int(best_i[m]), int(best_j[m]), best_e[m], best_c[m]
         for _ in range(local_search):
             assert probe is not None
             improved = False

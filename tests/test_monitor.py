@@ -91,6 +91,16 @@ class TestLogging:
         px, py = load_probe(t.log_dir)
         assert px.shape == (96, 64) and py is not None and py.shape == (96,)
 
+    @pytest.mark.parametrize(("log_images", "steps"), [("end", [10]), ("ends", [0, 10]), (True, [0, 5, 10])])
+    def test_figures_at_the_maps_asked_for(self, tmp_path, data, log_images, steps):
+        # the last epoch's map falls on the last step and stands in for the map at fit end
+        x, y = data
+        monitor = PairImportanceMonitor(every_n_epochs=1, probe_size=40, top_k=4, fidelity=False, log_images=log_images)
+        t = fit(tmp_path, MLPModule([64, 8, 10], x, y), monitor, max_epochs=2)
+        assert monitor._steps == [0, 5, 10]
+        assert _image_steps(Path(t.log_dir), "swim/net.0/top_points") == steps
+        assert _image_steps(Path(t.log_dir), "swim/net.0/importance_over_time") == steps
+
     def test_history_is_the_map_of_the_final_weights(self, tmp_path, data):
         x, y = data
         module = MLPModule([64, 20, 10], x, y, lr=1e-2)
@@ -131,10 +141,14 @@ class TestLogging:
         assert list(history[0].maps) == ["net.2"]
         assert torch.equal(load_probe(t.log_dir)[0], x[:50])
 
-    @pytest.mark.parametrize(("max_overhead", "steps"), [(1e-4, [0, 15]), (0.5, [0, 4, 8, 12, 15]), (10.0, list(range(16)))])
+    @pytest.mark.parametrize(
+        ("max_overhead", "steps"), [(1e-4, [0, 15]), (0.5, [0, 7, 10, 13, 15]), (10.0, list(range(16)))]
+    )
     def test_default_schedule_keeps_to_the_overhead_budget(self, tmp_path, data, monkeypatch, max_overhead, steps):
-        # A clock that ticks one second per reading makes the schedule exact: a map spans two readings
-        # (2 s), and one reading (1 s) passes per training step, so a map is due once `since * max_overhead >= 2`.
+        # A clock that ticks one second per reading makes the schedule exact: fit start is read at 0, a
+        # map spans two readings (2 s) and takes three, one reading passes per training step, and a map
+        # is due once the maps so far plus one more fit in `max_overhead` times the training time.
+        # At 0.5: after the start map (2 s), step 7 reads 10, the first with 0.5 * (10 - 2) >= 2 + 2.
         ticks = iter(range(10**6))
         monkeypatch.setattr(pair_importance, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
         x, y = data
@@ -157,6 +171,16 @@ def _histograms(log_dir: Path) -> dict:
     acc = EventAccumulator(str(log_dir), size_guidance={HISTOGRAMS: 0})
     acc.Reload()
     return {tag: acc.Histograms(tag) for tag in acc.Tags()[HISTOGRAMS]}
+
+
+def _image_steps(log_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    steps = []
+    for path in log_dir.glob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(path)).Load():
+            steps += [event.step for value in event.summary.value if value.tag == tag]
+    return sorted(steps)
 
 
 def _images(log_dir: Path) -> dict:
@@ -371,7 +395,7 @@ class TestArguments:
             ({"refine": "greedy"}, "Invalid `refine`"),
             ({"backend": "gpu"}, "Invalid `backend`"),
             ({"neuron_weights": "gradient"}, "Invalid `neuron_weights`"),
-            ({"log_images": "sometimes"}, "`log_images` can be True, False or 'ends'"),
+            ({"log_images": "sometimes"}, "`log_images` can be True, False, 'end' or 'ends'"),
             ({"layers": "net.0"}, "`layers`"),
             ({"image_shape": [8, 8]}, "`image_shape`"),
             ({"top_k": 0}, "`top_k`"),
