@@ -7,7 +7,7 @@ maps at fit start and end and whenever the training time since the last map pays
 by a warm-up fit first (a one-off ~10 s per formula that a second run of the same model skips).
 Prints the median wall time of ``Trainer.fit`` for both and their ratio.
 
-    python benchmarks/bench_monitor_overhead.py [--epochs 20] [--repeats 3]
+    python benchmarks/bench_monitor_overhead.py [--epochs 20] [--repeats 15]
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def fit(epochs: int, monitored: bool, root: str) -> tuple[float, int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -5,7 +5,7 @@ features) at the same width and solve the output layer by least squares. Times a
 ``--repeats`` runs (seeds 0, 1, ...) of the whole fit (pair sampling, hidden layer, output solve); the
 accuracy is on the 450 held-out digits, averaged over the runs' seeds.
 
-    python benchmarks/bench_swim_init.py [--widths 64 128 ...] [--repeats 5]
+    python benchmarks/bench_swim_init.py [--widths 64 128 ...] [--repeats 9]
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def run_ours(width: int, seed: int, data: tuple, dtype: torch.dtype) -> tuple[fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048, 4096])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
     data = digits()
     run_ours(64, 0, data, torch.float32)  # warm-up: first-call overheads of torch
@@ -77,8 +77,8 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for width in args.widths:
-        # One implementation at a time, after a warm-up run: interleaving them lets the spinning
-        # threads of one BLAS runtime (OpenBLAS for numpy, OpenMP for torch) slow down the other.
+        # One implementation at a time, after a pause and a warm-up run: interleaving them lets the
+        # spinning threads of one BLAS runtime (OpenBLAS for numpy, OpenMP for torch) slow down the other.
         runs = {
             "ref": lambda seed, width=width: run_reference(width, seed, data),
             "f32": lambda seed, width=width: run_ours(width, seed, data, torch.float32),
@@ -86,6 +86,7 @@ def main() -> None:
         }
         results = {}
         for key, run in runs.items():
+            time.sleep(0.5)  # the previous block's idle BLAS threads stop spinning
             run(0)
             results[key] = [run(seed) for seed in range(args.repeats)]
         ref, f32, f64 = results["ref"], results["f32"], results["f64"]

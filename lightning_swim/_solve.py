@@ -2,14 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from typing import Any
+
 import numpy as np
 import scipy.linalg
 import torch
 from scipy.linalg import blas
 from torch import Tensor
 
+_SINGLE_THREAD_BELOW = 512  # Gram matrices up to this size: one OpenBLAS thread
+
+
+@functools.cache
+def _openblas() -> Any:
+    try:
+        from threadpoolctl import ThreadpoolController
+
+        return ThreadpoolController().select(internal_api="openblas")
+    except Exception:  # threadpoolctl missing or unable to inspect the loaded libraries
+        return None
+
+
+def _blas_threads(size: int) -> contextlib.AbstractContextManager[Any]:
+    """One OpenBLAS thread for small systems. OpenBLAS's threads spin for a while after each call and
+    then compete with torch's OpenMP threads for the cores: on two cores, SWIMInit at width 128 took
+    8 ms with two OpenBLAS threads and 4 ms with one; from width 1,024 on, two threads win."""
+    controller = _openblas()
+    return (
+        controller.limit(limits=1)
+        if controller is not None and size <= _SINGLE_THREAD_BELOW
+        else contextlib.nullcontext()
+    )
+
 
 def _solve_normal_cpu(hc: Tensor, rhs: Tensor, dual: bool, ridge: float) -> Tensor:
+    with _blas_threads(min(hc.shape)):
+        return _solve_normal_scipy(hc, rhs, dual, ridge)
+
+
+def _solve_normal_scipy(hc: Tensor, rhs: Tensor, dual: bool, ridge: float) -> Tensor:
     # hc is C-contiguous [N, p], so hc.T is a Fortran-ordered view that BLAS takes without a copy.
     # dsyrk fills one triangle of the Gram matrix (half a GEMM's flops; 3-5x faster than
     # torch.matmul on the 2-core machine this was measured on) and dpotrf reads only that triangle.

@@ -211,8 +211,8 @@ def _refine(
     best_j = torch.empty_like(best_i)
     best_e = torch.empty(M, dtype=a.dtype, device=a.device)
     best_c = torch.empty_like(best_e)
-    K, N = cand_i.shape[1], x.shape[0]
-    block = max(1, 2**22 // (K * N))  # neurons at a time: [block, K, N] pre-activations of ~4M entries
+    K, (N, d) = cand_i.shape[1], x.shape
+    block = max(1, 2**22 // (K * max(N, d)))  # neurons at a time: [block * K, N or d] temporaries of ~4M entries
     for m0 in range(0, M, block):
         ms = slice(m0, min(m0 + block, M))
         ci, cj = cand_i[ms], cand_j[ms]
