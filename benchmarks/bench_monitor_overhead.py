@@ -2,10 +2,10 @@
 
 The digits MLP of the demo (64-128-64-10 ReLU, Adam, batch 64, a validation pass per epoch) is fit
 for ``--epochs`` epochs, alternately without and with ``PairImportanceMonitor()`` (default settings:
-maps at fit start and end and whenever the training time since the last map pays for the next at
-``max_overhead=0.1``; figures at start and end), ``--repeats`` times each. KeOps formulas are compiled
-by a warm-up fit first (a one-off ~10 s per formula that a second run of the same model skips).
-Prints the median wall time of ``Trainer.fit`` for both and their ratio.
+maps at fit start and end and in between while all maps stay within ``max_overhead=0.1`` of the
+training time; figures at fit end), ``--repeats`` times each. KeOps formulas are compiled by a
+warm-up fit first (a one-off ~10 s per formula that a second run of the same model skips). Prints
+the median wall time of ``Trainer.fit`` for both, the time spent inside the maps, and the ratio.
 
     python benchmarks/bench_monitor_overhead.py [--epochs 20] [--repeats 15]
 """

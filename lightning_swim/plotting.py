@@ -87,7 +87,7 @@ def _grid(
     ``split`` columns (to set pairs apart).
     """
     h, w = tiles[0].shape[:2]
-    zoom = max(1, math.ceil(112 / max(h, w)))  # tiles of at least 112 pixels, each image pixel a square
+    zoom = max(1, math.ceil(80 / max(h, w)))  # tiles of at least 80 pixels, each image pixel a square
     th, tw = h * zoom, w * zoom
     font, title_font = _font(12), _font(15)
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))

@@ -142,13 +142,14 @@ class TestLogging:
         assert torch.equal(load_probe(t.log_dir)[0], x[:50])
 
     @pytest.mark.parametrize(
-        ("max_overhead", "steps"), [(1e-4, [0, 15]), (0.5, [0, 7, 10, 13, 15]), (10.0, list(range(16)))]
+        ("max_overhead", "steps"), [(1e-4, [0, 15]), (0.5, [0, 11, 14, 15]), (10.0, list(range(16)))]
     )
     def test_default_schedule_keeps_to_the_overhead_budget(self, tmp_path, data, monkeypatch, max_overhead, steps):
         # A clock that ticks one second per reading makes the schedule exact: fit start is read at 0, a
         # map spans two readings (2 s) and takes three, one reading passes per training step, and a map
-        # is due once the maps so far plus one more fit in `max_overhead` times the training time.
-        # At 0.5: after the start map (2 s), step 7 reads 10, the first with 0.5 * (10 - 2) >= 2 + 2.
+        # is due once the maps so far plus two more (the next, and the one at fit end) fit in
+        # `max_overhead` times the training time. At 0.5: after the start map (2 s), step 11 reads 14,
+        # the first with 0.5 * (14 - 2) >= 2 + 2 * 2.
         ticks = iter(range(10**6))
         monkeypatch.setattr(pair_importance, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
         x, y = data
