@@ -167,7 +167,9 @@ def pair_arrows(
     size = (
         6 if importance is None else 6 + 600 * importance.double().cpu().numpy() / max(float(importance.max()), 1e-12)
     )
-    sc = ax.scatter(pts[:, 0], pts[:, 1], c=color, s=size, cmap="viridis", alpha=0.6, linewidths=0)
+    sc = ax.scatter(
+        pts[:, 0], pts[:, 1], c=color, s=size, cmap=None if color is None else "viridis", alpha=0.6, linewidths=0
+    )
     if color is not None:
         fig.colorbar(sc, ax=ax, label="target")
     ok = pm.valid.cpu()

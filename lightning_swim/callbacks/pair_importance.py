@@ -55,9 +55,9 @@ class PairImportanceMonitor(Callback):
     :func:`~lightning_swim.analysis.analyse_network` on a fixed probe set: each hidden ``nn.Linear``
     is mapped in its own input space (:func:`~lightning_swim.map_network`), the maps give a
     per-point *pair importance*, successive maps are compared, and the network rebuilt from its
-    pairs is compared with the original. Every
-    map is also written to ``<log_dir>/swim_maps/map_step<step>.npz`` (atomically, readable without
-    pickle by :func:`~lightning_swim.load_history`), next to ``probe.npz``.
+    pairs is compared with the original. Every map is also written to
+    ``<log_dir>/swim_maps/map_step<step>.npz`` (atomically, readable without pickle by
+    :func:`~lightning_swim.load_history`), next to ``probe.npz``.
 
     The probe set is given, or drawn once from the train dataset with the monitor's own generator
     (``seed``) and then fixed for the whole run, so that maps are comparable; labels are kept when the
