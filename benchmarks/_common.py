@@ -26,11 +26,22 @@ def measure(fn: Callable[[], Any]) -> dict[str, float]:
     return {"seconds": time.perf_counter() - t0, "peak_mb": max(0.0, peak_rss_mb() - base)}
 
 
-def in_subprocess(script: str, *args: str) -> dict[str, Any]:
-    """Run ``script --one args...`` in a fresh interpreter; it prints one JSON line last."""
-    out = subprocess.run(
-        [sys.executable, script, "--one", *args], capture_output=True, text=True, env=os.environ.copy(), check=False
-    )
+def in_subprocess(script: str, *args: str, timeout: float | None = None) -> dict[str, Any]:
+    """Run ``script --one args...`` in a fresh interpreter; it prints one JSON line last.
+
+    Past ``timeout`` seconds the run is stopped and reported as ``{"timeout": timeout}``.
+    """
+    try:
+        out = subprocess.run(
+            [sys.executable, script, "--one", *args],
+            capture_output=True,
+            text=True,
+            env=os.environ.copy(),
+            check=False,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return {"timeout": timeout}
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1][:120]}
     return json.loads(out.stdout.strip().splitlines()[-1])
