@@ -196,6 +196,18 @@ def rowmin_keops(x: Tensor, v: Tensor, gamma: Tensor, fam: Family) -> Tensor:
     return fmin[:, :M]
 
 
+def warn_fallback(err: Exception, what: str, *, stacklevel: int = 4) -> None:
+    """Say once per process that KeOps failed and the plain-PyTorch twin runs instead."""
+    if not _warned["keops"]:
+        _warned["keops"] = True
+        warnings.warn(
+            f"KeOps is not usable here ({type(err).__name__}: {str(err)[:200]}); the {what} runs on the "
+            "plain-PyTorch backend instead (same results, slower on large probe sets).",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
+
+
 def rowmin(x: Tensor, v: Tensor, gamma: Tensor, fam: Family, *, backend: str, max_memory: int) -> tuple[Tensor, str]:
     """Row minima ``[N, M]`` and the backend that computed them.
 
@@ -212,14 +224,7 @@ def rowmin(x: Tensor, v: Tensor, gamma: Tensor, fam: Family, *, backend: str, ma
                     f"KeOps failed on the pair search ({type(err).__name__}: {err}). Use backend='torch' or "
                     "backend='auto' to run without it."
                 ) from err
-            if not _warned["keops"]:
-                _warned["keops"] = True
-                warnings.warn(
-                    f"KeOps is not usable here ({type(err).__name__}: {str(err)[:200]}); the pair search "
-                    "runs on the plain-PyTorch backend instead (same results, slower on large probe sets).",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+            warn_fallback(err, "pair search", stacklevel=4)
     return rowmin_torch(x, v, gamma, fam, max_memory=max_memory), "torch"
 
 

@@ -18,7 +18,16 @@ from lightning_swim.pairmap import PairMap
 __all__ = ["MapRecord", "load_history", "load_probe", "save_map", "save_probe"]
 
 _FILE = re.compile(r"^map_step(\d{9})\.npz$")
-_PAIRMAP_FIELDS = ("idx_from", "idx_to", "scale", "param_cost", "func_error")
+_PAIRMAP_FIELDS = ("idx_from", "idx_to", "scale", "param_cost", "func_error")  # in every file
+_PAIRMAP_OPTIONAL = (  # written since the exact search; older files get PairMap's defaults
+    "status",
+    "n_near",
+    "n_near_points",
+    "soft_neuron",
+    "soft_from",
+    "soft_to",
+    "soft_weight",
+)
 
 
 @dataclass
@@ -67,12 +76,13 @@ def save_map(directory: str | os.PathLike[str], record: MapRecord) -> Path:
         "epoch": np.array(record.epoch),
         "layers": np.array(layers, dtype=np.str_),
         "activations": np.array([record.maps[n].activation for n in layers], dtype=np.str_),
+        "refines": np.array([record.maps[n].refine for n in layers], dtype=np.str_),
         "scalar_names": np.array(list(record.scalars), dtype=np.str_),
         "scalar_values": np.array(list(record.scalars.values()), dtype=np.float64),
     }
     for k, name in enumerate(layers):
-        for f in _PAIRMAP_FIELDS:
-            arrays[f"L{k}/{f}"] = getattr(record.maps[name], f).detach().cpu().numpy()
+        for f, value in record.maps[name].tensors().items():
+            arrays[f"L{k}/{f}"] = value.detach().cpu().numpy()
         arrays[f"L{k}/importance"] = record.importance[name].detach().cpu().numpy()
         for key, value in record.extra.get(name, {}).items():
             arrays[f"L{k}/extra/{key}"] = value.detach().cpu().numpy()
@@ -85,9 +95,12 @@ def _read(path: Path) -> MapRecord:
     with np.load(path, allow_pickle=False) as z:
         layers = [str(s) for s in z["layers"]]
         acts = [str(s) for s in z["activations"]]
+        refines = [str(s) for s in z["refines"]] if "refines" in z.files else ["function"] * len(layers)
         maps, importance, extra = {}, {}, {}
         for k, name in enumerate(layers):
-            maps[name] = PairMap(**{f: torch.from_numpy(z[f"L{k}/{f}"]) for f in _PAIRMAP_FIELDS}, activation=acts[k])
+            fields = [f for f in (*_PAIRMAP_FIELDS, *_PAIRMAP_OPTIONAL) if f"L{k}/{f}" in z.files]
+            tensors = {f: torch.from_numpy(z[f"L{k}/{f}"]) for f in fields}
+            maps[name] = PairMap(**tensors, activation=acts[k], refine=refines[k])
             importance[name] = torch.from_numpy(z[f"L{k}/importance"])
             prefix = f"L{k}/extra/"
             extra[name] = {key[len(prefix) :]: torch.from_numpy(z[key]) for key in z.files if key.startswith(prefix)}

@@ -1,19 +1,27 @@
 r"""Pair importance and how it changes between maps (pure functions, tensors in, tensors out).
 
-A map gives neuron :math:`m` the pair :math:`(i_m, j_m)`. A data point's *pair importance* is the
-total weight of the neurons whose pair uses it,
+A map gives neuron :math:`m` a soft attribution :math:`p_m` over its near-optimal pairs (the pairs
+whose function-space error is close to its best, with Gibbs weights; see
+:func:`~lightning_swim.map_layer`), or, in its *argmin* form, weight 1 on its best pair
+:math:`(i_m, j_m)`. A data point's *pair importance* is the total weight of the neurons whose pairs
+use it,
 
 .. math::
-    I_k = \frac{1}{Z} \sum_m \omega_m \frac{[i_m = k] + [j_m = k]}{2},
+    I_k = \frac{1}{Z} \sum_m \omega_m \sum_{(i, j)} p_m(i, j) \frac{[i = k] + [j = k]}{2},
 
 normalised to sum to 1, where :math:`\omega_m \ge 0` says how much neuron :math:`m` matters
 (uniform, or its contribution :math:`|w_m| |a_m|` with :math:`a_m` its outgoing weights).
-Between two maps of the same network: the *turnover* (share of neurons whose pair changed), the
-Jensen-Shannon divergence of the importances, and the overlap of their top-k points.
+It says where the layer's hyperplanes are anchored in the data, not which training points the
+network depends on (see ``docs/maths.md``, "What pair importance measures").
+
+Between two maps of the same network: the *turnover* (share of neurons whose previous pair no
+longer explains them within the tolerance), the Jensen-Shannon divergence of the importances, and
+the overlap of their top-k points.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -28,6 +36,7 @@ __all__ = [
     "entropy",
     "js_divergence",
     "pair_importance",
+    "random_pairs_like",
     "topk_overlap",
     "turnover",
 ]
@@ -56,15 +65,18 @@ def contribution_weights(weight: Tensor, next_weight: Tensor, *, homogeneous: bo
     return torch.nan_to_num(omega, nan=0.0, posinf=0.0)
 
 
-def pair_importance(pm: PairMap, n_points: int, weights: Tensor | None = None) -> Tensor:
+def pair_importance(pm: PairMap, n_points: int, weights: Tensor | None = None, *, soft: bool = True) -> Tensor:
     """Per-point pair importance of a map, ``[n_points]`` float64 on the CPU, summing to 1.
 
-    Flagged neurons (index -1) are left out.
+    Flagged neurons (index -1: dead, zero or non-finite) are left out.
 
     Args:
         pm: the map.
         n_points: size of the probe set the map indexes.
         weights: neuron weights :math:`\\omega`, ``[M]`` (default uniform).
+        soft: spread each neuron's weight over its near-optimal pairs (the map's soft attribution);
+            ``False`` for the argmin importance (each neuron's best pair only), which depends on how
+            near-ties happen to be broken.
 
     Example:
         >>> pm = PairMap(torch.tensor([0, 0]), torch.tensor([1, 2]), torch.ones(2), torch.zeros(2), torch.zeros(2))
@@ -80,12 +92,42 @@ def pair_importance(pm: PairMap, n_points: int, weights: Tensor | None = None) -
     ok = pm.valid.cpu()
     if bool((pm.idx_from[ok] >= n_points).any() | (pm.idx_to[ok] >= n_points).any()):
         raise ValueError(f"The map indexes points beyond `n_points` = {n_points}.")
-    w = weights.detach().double().cpu()[ok] / 2
+    omega = weights.detach().double().cpu() * ok
+    if soft:
+        assert pm.soft_neuron is not None and pm.soft_from is not None and pm.soft_to is not None
+        assert pm.soft_weight is not None
+        neuron, i, j = pm.soft_neuron.cpu(), pm.soft_from.cpu(), pm.soft_to.cpu()
+        w = omega[neuron] * pm.soft_weight.cpu().double() / 2
+    else:
+        neuron = ok.nonzero().ravel()
+        i, j, w = pm.idx_from.cpu()[neuron], pm.idx_to.cpu()[neuron], omega[neuron] / 2
     imp = torch.zeros(n_points, dtype=torch.float64)
-    imp.index_add_(0, pm.idx_from.cpu()[ok], w)
-    imp.index_add_(0, pm.idx_to.cpu()[ok], w)
+    imp.index_add_(0, i, w)
+    imp.index_add_(0, j, w)
     total = imp.sum()
     return imp / total if float(total) > 0 else imp
+
+
+def random_pairs_like(pm: PairMap, n_points: int, generator: torch.Generator) -> PairMap:
+    """The null model of an importance: ``pm`` with every pair replaced by a uniformly random ordered
+    pair of distinct probe indices, keeping which neurons are mapped and every soft weight.
+
+    ``pair_importance`` of the result is what the same neurons, weights and ambiguity would give if
+    the pairs fell anywhere: the reference next to :func:`effective_points` of the real map.
+    """
+    if n_points < 2:
+        raise ValueError(f"Expected argument `n_points` >= 2 but got {n_points}.")
+
+    def draw(k: int) -> tuple[Tensor, Tensor]:
+        i = torch.randint(0, n_points, (k,), generator=generator)
+        return i, (i + torch.randint(1, n_points, (k,), generator=generator)) % n_points
+
+    ok = pm.valid.cpu()
+    idx_from, idx_to = pm.idx_from.cpu().clone(), pm.idx_to.cpu().clone()
+    idx_from[ok], idx_to[ok] = draw(int(ok.sum()))
+    assert pm.soft_neuron is not None and pm.soft_weight is not None
+    soft_from, soft_to = draw(len(pm.soft_neuron))
+    return dataclasses.replace(pm.to("cpu"), idx_from=idx_from, idx_to=idx_to, soft_from=soft_from, soft_to=soft_to)
 
 
 def entropy(p: Tensor) -> Tensor:
@@ -125,22 +167,48 @@ def topk_overlap(p: Tensor, q: Tensor, k: int) -> float:
     return len(a & b) / k
 
 
-def turnover(previous: PairMap, current: PairMap) -> float:
-    """Share of neurons (mapped in both) whose pair changed between two maps of the same layer."""
+def turnover(
+    previous: PairMap,
+    current: PairMap,
+    *,
+    previous_errors: Tensor | None = None,
+    atol: float = 0.01,
+    rtol: float = 0.0,
+) -> float:
+    r"""Share of neurons (mapped in both maps of one layer) whose previous pair no longer explains them.
+
+    With ``previous_errors`` (the function-space errors of the previous map's pairs for the current
+    neurons, :func:`~lightning_swim.pairmap.pair_errors`), a neuron counts as changed only if its
+    previous pair's error exceeds its current best :math:`e^*` by more than
+    :math:`\mathrm{atol} + \mathrm{rtol}\, e^*` (the tolerance of the map's ``n_near``): swaps between
+    near-ties are not change, and two maps of an unchanged network have turnover 0. Without them, any
+    change of the best pair counts.
+    """
     if len(previous) != len(current):
         raise ValueError(f"Expected two maps of one layer but got {len(previous)} and {len(current)} neurons.")
-    both = previous.valid & current.valid.to(previous.valid.device)
+    dev = previous.valid.device
+    both = previous.valid & current.valid.to(dev)
     n = int(both.sum())
     if n == 0:
         return float("nan")
-    changed = (previous.idx_from != current.idx_from.to(previous.idx_from.device)) | (
-        previous.idx_to != current.idx_to.to(previous.idx_to.device)
-    )
+    if previous_errors is not None:
+        if previous_errors.shape != (len(current),):
+            raise ValueError(
+                f"Expected argument `previous_errors` of shape `[{len(current)}]` but got "
+                f"{tuple(previous_errors.shape)}."
+            )
+        best = current.func_error.to(dev).double()
+        changed = ~(previous_errors.to(dev).double() <= best + atol + rtol * best)
+    else:
+        changed = (previous.idx_from != current.idx_from.to(dev)) | (previous.idx_to != current.idx_to.to(dev))
     return float((changed & both).sum()) / n
 
 
-def cross_class_share(pm: PairMap, labels: Tensor) -> float:
-    """Share of mapped neurons whose pair joins points of different classes (straddles a boundary)."""
+def cross_class_share(pm: PairMap, labels: Tensor, *, soft: bool = True) -> float:
+    """Share of mapped neurons whose pair joins points of different classes (straddles a boundary).
+
+    With ``soft``, each neuron counts the soft-attribution weight of its cross-class pairs.
+    """
     ok = pm.valid.cpu()
     if int(ok.sum()) == 0:
         return float("nan")
@@ -148,4 +216,8 @@ def cross_class_share(pm: PairMap, labels: Tensor) -> float:
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]  # a column of labels
     lab = labels if labels.ndim == 1 else labels.argmax(1)  # else one-hot rows
+    if soft:
+        assert pm.soft_from is not None and pm.soft_to is not None and pm.soft_weight is not None
+        cross = (lab[pm.soft_from.cpu()] != lab[pm.soft_to.cpu()]).double()
+        return float((cross * pm.soft_weight.cpu().double()).sum()) / int(ok.sum())
     return float((lab[pm.idx_from.cpu()[ok]] != lab[pm.idx_to.cpu()[ok]]).double().mean())

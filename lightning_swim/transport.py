@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from lightning_swim._checks import check_choice, check_points, check_positive_int
+from lightning_swim._fsearch import sign_free
 from lightning_swim.activations import Activation, get_activation
 from lightning_swim.pairmap import PairMap, _check_layer, _fit, _preactivation, mappable_neurons
 from lightning_swim.sampling import sample_pairs, swim_neurons
@@ -394,7 +395,7 @@ def transport_map(
 
     i, j = cand_from[idx], cand_to[idx]
     a = act(x @ weight[alive].T + bias[alive])
-    err, _ = _fit(act(_preactivation(x, i, j, act)), a.T, act.homogeneous)
+    err, _ = _fit(act(_preactivation(x, i, j, act)), a.T, sign_free(act))
     pairs = PairMap.unmapped(M, act.name, x.dtype, x.device)
     pairs.idx_from[alive], pairs.idx_to[alive] = i, j
     scale = weight[alive].norm(dim=1) * (x[i] - x[j]).norm(dim=1) / act.s1

@@ -213,7 +213,10 @@ def _custom_scalar_layout(log_dir: Path) -> bool:
                     layout.ParseFromString(value.tensor.string_val[0])
                     charts = [c.title for cat in layout.category for c in cat.chart]
                     tags = [t for cat in layout.category for c in cat.chart for t in c.multiline.tag]
-                    return "effective number of points" in charts and "swim/net.0/effective_points" in tags
+                    return (
+                        "effective number of points (and with random pairs)" in charts
+                        and "swim/net.0/effective_points" in tags
+                    )
     return False
 
 

@@ -17,9 +17,18 @@ from lightning_swim.activations import get_activation
 F64 = torch.float64
 
 
+def to_frame(weight, bias, x):
+    """The layer in the normalised frame of map_layer, computed independently: centred, unit RMS norm."""
+    mu = x.mean(0)
+    sigma = ((x - mu) ** 2).sum(1).mean().sqrt()
+    return weight * sigma, bias + weight @ mu, (x - mu) / sigma
+
+
 def brute_force_costs(weight, bias, x, name):
-    """Every ordered pair's cost from explicitly built SWIM neurons: ``[M, N, N]`` (inf on excluded pairs)."""
+    """Every ordered pair's parameter-space cost in the normalised frame, from explicitly built SWIM
+    neurons: ``[M, N, N]`` (inf on excluded pairs)."""
     act = get_activation(name)
+    weight, bias, x = to_frame(weight, bias, x)
     N = x.shape[0]
     ii, jj = torch.meshgrid(torch.arange(N), torch.arange(N), indexing="ij")
     ii, jj = ii.reshape(-1), jj.reshape(-1)
@@ -34,6 +43,13 @@ def brute_force_costs(weight, bias, x, name):
     full = torch.full((weight.shape[0], N * N), float("inf"), dtype=x.dtype)
     full[:, ok] = cost
     return full.reshape(-1, N, N)
+
+
+def check_flags(pm, w, b, x, name):
+    """Assert that exactly the neurons that are zero on every probe point are flagged dead; the mapped ones."""
+    dead = (get_activation(name)(x @ w.T + b) == 0).all(0)
+    assert pm.reasons() == ["dead" if d else "mapped" for d in dead.tolist()]
+    return ~dead
 
 
 def random_layer(n, d, m, seed, dtype=F64, duplicates=0):
@@ -54,14 +70,15 @@ class TestExactSearch:
         pm = map_layer(w, b, x, activation=name, refine="none", backend=backend)
         costs = brute_force_costs(w, b, x, name)
         flat = costs.reshape(len(w), -1).argmin(1)  # first minimum: lexicographic tie-break
-        assert pm.idx_from.tolist() == (flat // len(x)).tolist()
-        assert pm.idx_to.tolist() == (flat % len(x)).tolist()
-        torch.testing.assert_close(pm.param_cost, costs.reshape(len(w), -1).amin(1), rtol=1e-9, atol=1e-9)
+        ok = check_flags(pm, w, b, x, name)
+        assert pm.idx_from[ok].tolist() == (flat // len(x))[ok].tolist()
+        assert pm.idx_to[ok].tolist() == (flat % len(x))[ok].tolist()
+        torch.testing.assert_close(pm.param_cost[ok], costs.reshape(len(w), -1).amin(1)[ok], rtol=1e-9, atol=1e-9)
 
     def test_top_k_pairs_are_the_k_cheapest(self):
         from lightning_swim import _search
 
-        w, b, x = random_layer(20, 3, 4, seed=2, duplicates=2)
+        w, b, x = to_frame(*random_layer(20, 3, 4, seed=2, duplicates=2))  # stage 1 runs in the frame
         act = get_activation("relu")
         fam = _search.Family.of(act)
         v, gamma, c0 = _search.neuron_terms(w, b, x, act)
@@ -72,16 +89,16 @@ class TestExactSearch:
         torch.testing.assert_close(c, order.values[:, :15])
         assert torch.equal(i * len(x) + j, order.indices[:, :15])
 
-    @pytest.mark.parametrize("refine", ["none", "function"])
+    @pytest.mark.parametrize("refine", ["none", "function", "exact"])
     def test_a_rescaled_relu_neuron_keeps_its_pair_and_scales_its_scale(self, refine):
         w, b, x = random_layer(30, 5, 8, seed=3)
         c = torch.linspace(0.1, 7.0, 8, dtype=F64)
         base = map_layer(w, b, x, refine=refine, top_k=8, backend="torch")
         scaled = map_layer(c[:, None] * w, c * b, x, refine=refine, top_k=8, backend="torch")
         assert torch.equal(base.idx_from, scaled.idx_from) and torch.equal(base.idx_to, scaled.idx_to)
-        torch.testing.assert_close(scaled.scale, c * base.scale)
-        torch.testing.assert_close(scaled.param_cost, base.param_cost)
-        torch.testing.assert_close(scaled.func_error, base.func_error)
+        torch.testing.assert_close(scaled.scale, c * base.scale, equal_nan=True)
+        torch.testing.assert_close(scaled.param_cost, base.param_cost, equal_nan=True)
+        torch.testing.assert_close(scaled.func_error, base.func_error, equal_nan=True)
 
     def test_float32_near_duplicates_far_from_the_origin(self):
         g = torch.Generator().manual_seed(0)
@@ -107,7 +124,8 @@ class TestExactSearch:
         w, b, x = random_layer(n, d, m, seed)
         pm = map_layer(w, b, x, activation=name, refine="none", backend="torch")
         costs = brute_force_costs(w, b, x, name).reshape(m, -1)
-        torch.testing.assert_close(pm.param_cost, costs.amin(1), rtol=1e-8, atol=1e-8)
+        ok = check_flags(pm, w, b, x, name)
+        torch.testing.assert_close(pm.param_cost[ok], costs.amin(1)[ok], rtol=1e-8, atol=1e-8)
 
 
 @pytest.mark.keops
@@ -150,42 +168,47 @@ class TestRefinement:
         h = act(x @ sw.T + sb)
         for m in range(len(w)):
             bound = 2 * float((h[:, m] @ a[:, m]).abs() / (h[:, m] @ h[:, m])) + 1  # brackets the optimum
-            cs = torch.linspace(-bound if name == "tanh" else 0, bound, 40001, dtype=F64)
+            cs = torch.linspace(0, bound, 40001, dtype=F64)
             grid = ((cs[:, None] * h[None, :, m] - a[None, :, m]) ** 2).sum(1) / (a[:, m] ** 2).sum()
             assert float(pm.func_error[m]) <= float(grid.min()) + 1e-9
             assert float(pm.func_error[m]) >= float(grid.min()) - 1e-4
-        if act.homogeneous:
-            rebuilt = act(pm.scale * h)
-            direct = ((rebuilt - a) ** 2).sum(0) / (a**2).sum(0)
-            torch.testing.assert_close(direct, pm.func_error)
-        else:
-            assert bool((pm.scale == 1).all())
+        rebuilt = act(pm.scale * h) if act.homogeneous else pm.scale * h
+        direct = ((rebuilt - a) ** 2).sum(0) / (a**2).sum(0)
+        torch.testing.assert_close(direct, pm.func_error)
+        assert bool((pm.scale >= 0).all())  # tanh: the pair's orientation carries the sign
 
     def test_gram_and_gemm_paths_agree(self):
         w, b, x = random_layer(60, 4, 6, seed=8)
-        with_gram = map_layer(w, b, x, top_k=4, local_search=2, backend="torch")
-        without = map_layer(w, b, x, top_k=4, local_search=2, backend="torch", max_memory=60 * 60 * 8 - 1)
+        kw = dict(refine="function", top_k=4, local_search=2, backend="torch")
+        with_gram = map_layer(w, b, x, **kw)
+        without = map_layer(w, b, x, **kw, max_memory=60 * 60 * 8 - 1)
         assert torch.equal(with_gram.idx_from, without.idx_from) and torch.equal(with_gram.idx_to, without.idx_to)
         torch.testing.assert_close(with_gram.func_error, without.func_error)
 
-    def test_neuron_silent_on_the_probe(self):
+    @pytest.mark.parametrize("refine", ["exact", "function", "none"])
+    def test_neuron_silent_on_the_probe_is_flagged_dead(self, refine):
         x = torch.rand(40, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
-        w = torch.tensor([[1.0, 1.0, 1.0]], dtype=F64)
-        pm = map_layer(w, torch.tensor([-10.0], dtype=F64), x, backend="torch")
-        assert pm.func_error.item() == 0.0 and pm.scale.item() == 0.0
+        w = torch.tensor([[1.0, 1.0, 1.0], [1.0, -1.0, 0.5]], dtype=F64)
+        pm = map_layer(w, torch.tensor([-10.0, 0.0], dtype=F64), x, refine=refine, backend="torch")
+        assert pm.idx_from.tolist()[0] == -1 and pm.reasons() == ["dead", "mapped"]
+        assert math.isnan(pm.func_error[0].item()) and pm.n_near.tolist()[0] == -1
+        assert pm.soft_neuron.tolist() and set(pm.soft_neuron.tolist()) == {1}
 
 
 class TestBadInput:
     def test_dead_and_non_finite_neurons_are_flagged_with_one_warning(self):
         w, b, x = random_layer(30, 3, 5, seed=9)
+        b[0] = 100.0
         w[1] = 0.0
         w[3, 0] = float("nan")
         b[4] = float("inf")
+        b[2] = 100.0  # positive on every probe point: alive
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             pm = map_layer(w, b, x, backend="torch")
         msgs = [str(c.message) for c in caught if issubclass(c.category, RuntimeWarning)]
-        assert len(msgs) == 1 and "3 of 5 neurons" in msgs[0]
+        assert len(msgs) == 1 and "3 of 5 neurons" in msgs[0] and "1 zero weights, 2 non finite" in msgs[0]
+        assert pm.reasons() == ["mapped", "zero_weights", "mapped", "non_finite", "non_finite"]
         assert pm.idx_from.tolist()[1] == -1 and pm.idx_to.tolist()[3] == -1 and pm.idx_from.tolist()[4] == -1
         assert pm.valid.tolist() == [True, False, True, False, False]
         assert math.isnan(float(pm.param_cost[1])) and bool(torch.isfinite(pm.param_cost[[0, 2]]).all())
@@ -219,7 +242,11 @@ class TestBadInput:
             ({"backend": "cuda"}, "Invalid `backend`"),
             ({"top_k": 0}, "`top_k`"),
             ({"local_search": -1}, "`local_search`"),
-            ({"activation": "gelu"}, "Invalid activation"),
+            ({"activation": "not_an_activation"}, "Invalid activation"),
+            ({"temperature": 0.0}, "`temperature`"),
+            ({"atol": -1.0}, "`atol`"),
+            ({"rtol": float("nan")}, "`rtol`"),
+            ({"max_soft": 0}, "`max_soft`"),
         ],
     )
     def test_bad_options(self, kwargs, match):
@@ -230,7 +257,10 @@ class TestBadInput:
     def test_no_pair_joins_coincident_points(self):
         w, b, x = random_layer(10, 2, 30, seed=10, duplicates=10)  # every point twice
         pm = map_layer(w, b, x, backend="torch")
-        assert bool(((x[pm.idx_from] - x[pm.idx_to]).norm(dim=1) > 0).all())
+        ok = pm.valid
+        assert bool(ok.sum() > 20) and bool(((x[pm.idx_from[ok]] - x[pm.idx_to[ok]]).norm(dim=1) > 0).all())
+        soft_ok = (x[pm.soft_from] - x[pm.soft_to]).norm(dim=1) > 0
+        assert bool(soft_ok.all())
 
 
 class TestKeOpsFallback:
@@ -243,15 +273,15 @@ class TestKeOpsFallback:
         monkeypatch.setattr(_search, "rowmin_keops", broken)
         monkeypatch.setitem(_search._warned, "keops", False)
         w, b, x = random_layer(30, 3, 4, seed=11)
-        reference = map_layer(w, b, x, backend="torch")
+        reference = map_layer(w, b, x, backend="torch", refine="function")
         with pytest.warns(RuntimeWarning, match="plain-PyTorch backend"):
-            auto = map_layer(w, b, x, backend="auto")
+            auto = map_layer(w, b, x, backend="auto", refine="function")
         assert torch.equal(auto.idx_from, reference.idx_from)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # warned once only
-            map_layer(w, b, x, backend="auto")
+            map_layer(w, b, x, backend="auto", refine="function")
         with pytest.raises(KeOpsUnavailableError, match="no compiler"):
-            map_layer(w, b, x, backend="keops")
+            map_layer(w, b, x, backend="keops", refine="function")
 
     def test_compile_failure_is_wrapped(self, monkeypatch):
         from lightning_swim import _search
@@ -262,7 +292,7 @@ class TestKeOpsFallback:
         monkeypatch.setattr(_search, "rowmin_keops", failing)
         w, b, x = random_layer(30, 3, 4, seed=11)
         with pytest.raises(KeOpsUnavailableError, match="backend='torch'"):
-            map_layer(w, b, x, backend="keops")
+            map_layer(w, b, x, backend="keops", refine="none")
 
 
 def test_pairmap_tensors_and_to():
@@ -270,4 +300,6 @@ def test_pairmap_tensors_and_to():
     assert len(pm) == 2 and pm.valid.tolist() == [True, False]
     moved = pm.to("cpu")
     assert moved.activation == "tanh"
-    assert set(moved.tensors()) == {"idx_from", "idx_to", "scale", "param_cost", "func_error"}
+    assert {"idx_from", "idx_to", "scale", "param_cost", "func_error", "status", "soft_weight"} <= set(moved.tensors())
+    assert pm.reasons() == ["mapped", "zero_weights"]
+    assert pm.soft_neuron.tolist() == [0] and pm.soft_weight.tolist() == [1.0]  # a hand-made map: its own pairs

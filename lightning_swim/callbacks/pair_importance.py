@@ -32,17 +32,20 @@ from lightning_swim.history import MapRecord, remove_after, save_map, save_probe
 
 __all__ = ["PairImportanceMonitor"]
 
-_QUANTITIES = {  # custom-scalar chart title -> per-layer tag suffix
-    "median parameter-space cost": "param_cost_median",
-    "median function-space error": "func_error_median",
-    "importance entropy (nats)": "importance_entropy",
-    "effective number of points": "effective_points",
-    "turnover since the previous map": "turnover",
-    "Jensen-Shannon divergence since the previous map": "js_divergence",
-    "top-k overlap with the previous map": "topk_overlap",
-    "share of cross-class pairs": "cross_class_share",
-    "Sinkhorn divergence to SWIM's distribution": "sinkhorn_divergence",
-    "fidelity with this layer rebuilt from its pairs": "fidelity",
+_QUANTITIES = {  # custom-scalar chart title -> per-layer tag suffixes (a quantity, then its reference)
+    "median parameter-space cost": ("param_cost_median",),
+    "median function-space error": ("func_error_median",),
+    "near-optimal pairs per neuron (median)": ("near_pairs_median", "near_points_median"),
+    "share of neurons with near-tied pairs": ("ambiguous_share",),
+    "unmapped (dead) neurons": ("unmapped_neurons", "dead_neurons"),
+    "importance entropy (nats)": ("importance_entropy",),
+    "effective number of points (and with random pairs)": ("effective_points", "effective_points_random_pairs"),
+    "turnover since the previous map": ("turnover",),
+    "Jensen-Shannon divergence since the previous map": ("js_divergence",),
+    "top-k overlap with the previous map": ("topk_overlap",),
+    "share of cross-class pairs": ("cross_class_share",),
+    "Sinkhorn divergence to SWIM's distribution": ("sinkhorn_divergence",),
+    "fidelity with this layer rebuilt (and from random pairs)": ("fidelity", "fidelity_random_pairs"),
 }
 
 
@@ -68,19 +71,33 @@ class PairImportanceMonitor(Callback):
     Logged tags (``<layer>`` is the qualified name of a mapped ``nn.Linear``):
 
     - ``swim/<layer>/param_cost_median``, ``swim/<layer>/func_error_median``: median
-      parameter-space cost and relative function-space error of the layer's pairs;
-    - ``swim/<layer>/unmapped_neurons``: neurons with zero or non-finite weights;
-    - ``swim/<layer>/importance_entropy`` (nats), ``swim/<layer>/effective_points`` (its exp);
-    - ``swim/<layer>/turnover``, ``swim/<layer>/js_divergence``, ``swim/<layer>/topk_overlap``:
-      share of neurons whose pair changed, Jensen-Shannon divergence of the importances and overlap
-      of the ``topk_points`` most important points, since the previous map;
-    - ``swim/<layer>/cross_class_share``: share of pairs joining two classes (with labels);
+      parameter-space cost and relative function-space error of the layer's mapped neurons;
+    - ``swim/<layer>/unmapped_neurons``: neurons no pair explains (zero or non-finite weights, or
+      dead: zero on every probe point), of which ``swim/<layer>/dead_neurons`` are dead; they are
+      left out of every other number;
+    - ``swim/<layer>/near_pairs_median``, ``swim/<layer>/near_points_median``: per neuron, the
+      ordered pairs whose error is within ``atol`` (+ ``rtol`` of it) of the best, and the distinct
+      points they use (median over neurons); ``swim/<layer>/ambiguous_share``: the share of neurons
+      with more than one such pair;
+    - ``swim/<layer>/importance_entropy`` (nats), ``swim/<layer>/effective_points`` (its exp), and
+      ``swim/<layer>/effective_points_random_pairs``: the same for the same neurons, weights and
+      soft weights on uniformly random pairs (the reference);
+    - ``swim/<layer>/turnover``: share of neurons whose previous pair no longer explains them within
+      the tolerance (near-tie swaps are not change); ``swim/<layer>/js_divergence``,
+      ``swim/<layer>/topk_overlap``: Jensen-Shannon divergence of the importances and overlap of the
+      ``topk_points`` most important points, since the previous map;
+    - ``swim/<layer>/cross_class_share``: share of pair weight joining two classes (with labels);
     - ``swim/<layer>/sinkhorn_divergence``: Sinkhorn divergence of the layer to SWIM candidates
       (with ``transport=True``);
     - ``swim/<layer>/fidelity``: prediction agreement (classification) or output R² (regression) on
-      the probe set of the network with only this layer rebuilt from its pairs;
-    - ``swim/network/fidelity_keep``, ``swim/network/fidelity_refit``: the same with every mapped
-      layer rebuilt, the output layer kept or refitted to the original outputs;
+      the probe set of the network with only this layer rebuilt from its pairs, output layer kept,
+      and ``swim/<layer>/fidelity_random_pairs``: the same rebuilt from uniformly random pairs (each
+      with its best scale): the reference that says how much the mapped pairs add;
+    - ``swim/network/fidelity_keep``, ``swim/network/fidelity_refit``: every mapped layer rebuilt,
+      the output layer kept (the number that measures the map) or refitted to the original outputs
+      on the probe (which random pairs also reach); ``..._random_pairs`` beside each; and
+      ``swim/network/fidelity_chance``: the agreement of a constant predictor (the share of the
+      original's most frequent prediction; 0 for regression);
     - ``swim/map_seconds``: the duration of the map;
     - histogram ``swim/<layer>/importance``: the per-point importance;
     - images (TensorBoard): ``swim/<layer>/top_points`` and ``swim/<layer>/top_pairs`` for image-like
@@ -102,9 +119,11 @@ class PairImportanceMonitor(Callback):
         layers: names (``fnmatch`` patterns) of the layers to map; default every ``nn.Linear`` but the
             output layer.
         activations: overrides activation detection (one for all, or by layer name).
-        top_k, refine, local_search, backend: options of :func:`~lightning_swim.map_layer` (``top_k``
-            is 16 here against 128 there: a map during training re-ranks fewer candidate pairs, at
-            about half the cost and a few per cent higher median function error).
+        top_k, refine, local_search, backend, atol, rtol, temperature: options of
+            :func:`~lightning_swim.map_layer`, with its defaults: the exact function-space search
+            whenever it is affordable (``refine="auto"``; at the default probe of 256 points it is).
+        importance: ``"soft"`` (each neuron's weight spread over its near-optimal pairs) or
+            ``"argmin"`` (its best pair only).
         neuron_weights: ``"contribution"`` (:math:`|w_m| |a_m|`) or ``"uniform"`` weights of the
             neurons in the importance.
         topk_points: ``k`` of the top-k overlap and of the image grids.
@@ -138,10 +157,14 @@ class PairImportanceMonitor(Callback):
         seed: int = 0,
         layers: list[str] | None = None,
         activations: ActivationSpec = None,
-        top_k: int = 16,
-        refine: str = "function",
+        top_k: int = 128,
+        refine: str = "auto",
         local_search: int = 0,
         backend: str = "auto",
+        atol: float = 0.01,
+        rtol: float = 0.0,
+        temperature: float | None = None,
+        importance: str = "soft",
         neuron_weights: str = "contribution",
         topk_points: int = 16,
         fidelity: bool = True,
@@ -180,6 +203,10 @@ class PairImportanceMonitor(Callback):
             refine=refine,
             local_search=local_search,
             backend=backend,
+            atol=atol,
+            rtol=rtol,
+            temperature=temperature,
+            importance=importance,
             neuron_weights=neuron_weights,
             topk_points=topk_points,
             fidelity=fidelity,
@@ -425,11 +452,18 @@ class PairImportanceMonitor(Callback):
 
     def _layout(self, layers: list[str]) -> dict[str, Any]:
         charts = {
-            title: ["Multiline", [f"swim/{name}/{suffix}" for name in layers]] for title, suffix in _QUANTITIES.items()
+            title: ["Multiline", [f"swim/{name}/{suffix}" for name in layers for suffix in suffixes]]
+            for title, suffixes in _QUANTITIES.items()
         }
-        charts["network fidelity (rebuilt from pairs)"] = [
+        charts["network fidelity (rebuilt from pairs; references: random pairs, chance)"] = [
             "Multiline",
-            ["swim/network/fidelity_keep", "swim/network/fidelity_refit"],
+            [
+                "swim/network/fidelity_keep",
+                "swim/network/fidelity_keep_random_pairs",
+                "swim/network/fidelity_refit",
+                "swim/network/fidelity_refit_random_pairs",
+                "swim/network/fidelity_chance",
+            ],
         ]
         return {"SWIM pair maps": charts}
 

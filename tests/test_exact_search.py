@@ -1,0 +1,272 @@
+"""The exact function-space search: brute force over all pairs, ambiguity, soft attribution, invariances."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_swim import ACTIVATIONS, map_layer, pair_importance, swim_neurons, turnover
+from lightning_swim.activations import get_activation
+from lightning_swim.pairmap import pair_errors, random_map
+
+F64 = torch.float64
+SIGN_FREE = {"sigmoid"}  # the output factor may be negative; relu, leaky_relu, tanh: c >= 0
+
+
+def brute_force(weight, bias, x, name):
+    """Every ordered pair's function-space error from explicitly built SWIM neurons in the raw
+    coordinates: ``[M, N, N]`` float64, inf on pairs of coincident points."""
+    act = get_activation(name)
+    N = x.shape[0]
+    ii, jj = torch.meshgrid(torch.arange(N), torch.arange(N), indexing="ij")
+    ii, jj = ii.reshape(-1), jj.reshape(-1)
+    ok = (x[ii] != x[jj]).any(1)
+    w, b = swim_neurons(x[ii[ok]], x[jj[ok]], act)
+    h = act(x @ w.T + b)  # [N, P] every pair's SWIM neuron on every point
+    a = act(x @ weight.T + bias)  # [N, M]
+    ha, hh, aa = h.T @ a, (h * h).sum(0), (a * a).sum(0)  # [P, M], [P], [M]
+    c = ha / hh[:, None]
+    if name not in SIGN_FREE:
+        c = c.clamp_min(0)
+    err = (((c[None] * h[:, :, None] - a[:, None, :]) ** 2).sum(0) / aa).T  # [M, P]
+    full = torch.full((weight.shape[0], N * N), float("inf"), dtype=x.dtype)
+    full[:, ok] = err
+    return full.reshape(-1, N, N)
+
+
+def layer(n, d, m, seed, duplicates=0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    if duplicates:
+        x = torch.cat([x, x[:duplicates]])
+    w = torch.randn(m, d, generator=g, dtype=dtype)
+    b = -(w * x[torch.randint(0, n, (m,), generator=g)]).sum(1) + 0.3 * torch.randn(m, generator=g, dtype=dtype)
+    return w, b, x
+
+
+def quiet_map(*args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # dead neurons are expected in random layers
+        return map_layer(*args, **kwargs)
+
+
+class TestAgainstBruteForce:
+    @settings(max_examples=25, deadline=None)
+    @given(
+        n=st.integers(3, 22),
+        d=st.integers(1, 5),
+        m=st.integers(1, 4),
+        duplicates=st.integers(0, 2),
+        seed=st.integers(0, 10_000),
+        name=st.sampled_from(sorted(ACTIVATIONS)),
+    )
+    def test_best_pair_counts_and_soft_weights(self, n, d, m, duplicates, seed, name):
+        w, b, x = layer(n, d, m, seed, duplicates)
+        atol, temperature = 0.02, 0.3
+        pm = quiet_map(w, b, x, activation=name, refine="exact", atol=atol, temperature=temperature, max_soft=10**6)
+        err = brute_force(w, b, x, name).reshape(m, -1)
+        dead = (get_activation(name)(x @ w.T + b) == 0).all(0)
+        assert pm.reasons() == ["dead" if dd else "mapped" for dd in dead.tolist()]
+        for k in torch.nonzero(~dead).ravel().tolist():
+            best = float(err[k].min())
+            i, j = int(pm.idx_from[k]), int(pm.idx_to[k])
+            assert float(err[k, i * len(x) + j]) <= best + 1e-10  # the optimum over all pairs
+            ties = torch.nonzero(err[k] <= best + 1e-10).ravel()
+            if len(ties) == 1 or float(err[k].sort().values[1]) > best + 1e-9:  # a clear winner: that one
+                assert i * len(x) + j == int(ties[0])
+            assert math.isclose(float(pm.func_error[k]), best, abs_tol=1e-10)
+            near = torch.nonzero(err[k] <= best + atol).ravel()
+            if not bool(((err[k] - best - atol).abs() < 1e-9).any()):  # no pair on the edge of the tolerance
+                assert int(pm.n_near[k]) == len(near)
+                assert int(pm.n_near_points[k]) == len(set((near // len(x)).tolist()) | set((near % len(x)).tolist()))
+            tau = temperature * best + 16 * torch.finfo(F64).eps
+            gibbs = torch.exp(-(err[k] - best) / tau)
+            inside = gibbs >= math.exp(-5) * (1 + 1e-9)
+            mine = pm.soft_neuron == k
+            expected = {int(p): float(gibbs[p] / gibbs[inside].sum()) for p in torch.nonzero(inside).ravel()}
+            got = {
+                int(i) * len(x) + int(j): float(v)
+                for i, j, v in zip(pm.soft_from[mine], pm.soft_to[mine], pm.soft_weight[mine], strict=True)
+            }
+            assert set(expected) <= set(got)  # pairs exactly at the cut may come in by rounding
+            for p, v in expected.items():
+                assert math.isclose(got[p], v, rel_tol=1e-6, abs_tol=1e-9)
+
+    def test_ties_go_to_the_smallest_pair(self):
+        x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0], [3.0, 1.0], [1.0, 0.0]], dtype=F64)  # 2 == 0, 4 == 1
+        w, b = swim_neurons(x[[2]], x[[4]])  # planted on the duplicates
+        pm = map_layer(w, b, x, refine="exact")
+        assert (int(pm.idx_from[0]), int(pm.idx_to[0])) == (0, 1)
+        assert int(pm.n_near[0]) >= 4  # (0, 1), (0, 4), (2, 1), (2, 4) are exact ties
+        torch.testing.assert_close(pm.soft_weight[pm.soft_neuron == 0][:4], torch.full((4,), 0.25, dtype=F64))
+
+    @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+    def test_planted_swim_neurons_come_back_exactly(self, name):
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(60, 4, generator=g, dtype=F64)
+        i, j = torch.randint(0, 60, (12,), generator=g), torch.randint(0, 60, (12,), generator=g)
+        keep = i != j
+        i, j = i[keep], j[keep]
+        w, b = swim_neurons(x[i], x[j], name)
+        scale = torch.linspace(0.5, 4.0, len(i), dtype=F64)
+        if get_activation(name).homogeneous:
+            w, b = scale[:, None] * w, scale * b
+        pm = map_layer(w, b, x, activation=name, refine="exact")
+        assert pm.idx_from.tolist() == i.tolist() and pm.idx_to.tolist() == j.tolist()
+        assert float(pm.func_error.max()) < 1e-12
+        expected = scale if get_activation(name).homogeneous else torch.ones_like(scale)
+        torch.testing.assert_close(pm.scale, expected)
+
+    @pytest.mark.parametrize("name", ["relu", "tanh", "sigmoid"])
+    def test_exact_is_never_worse_than_the_candidates(self, name):
+        w, b, x = layer(150, 30, 24, seed=5)
+        exact = quiet_map(w, b, x, activation=name, refine="exact")
+        local = quiet_map(w, b, x, activation=name, refine="function", top_k=32, local_search=2)
+        top = quiet_map(w, b, x, activation=name, refine="function", top_k=8)
+        none = quiet_map(w, b, x, activation=name, refine="none")
+        ok = exact.valid
+        for other in (local, top, none):
+            assert bool((exact.func_error[ok] <= other.func_error[ok] + 1e-12).all())
+        assert float(exact.func_error[ok].mean()) < float(top.func_error[ok].mean())
+        assert exact.refine == "exact" and local.refine == "function" and none.refine == "none"
+
+    def test_the_bound_only_changes_the_speed(self):
+        from lightning_swim import _fsearch
+        from lightning_swim.pairmap import _frame
+
+        w, b, x = layer(70, 4, 6, seed=9)
+        act = get_activation("relu")
+        xf, wf, bf, _ = _frame(x, w, b, True)
+        a = act(xf @ wf.T + bf)
+        a = a[:, (a != 0).any(0)]
+        thr = lambda best: best + 0.05  # noqa: E731
+        inf = torch.full((a.shape[1],), math.inf, dtype=F64)
+        loose = _fsearch.exact_candidates(xf, act, a, thr, inf, max_memory=2**17)  # small blocks, no bound
+        best = torch.full_like(inf, math.inf).scatter_reduce_(0, loose.m, loose.err, reduce="amin")
+        key = lambda c: sorted(zip(c.m.tolist(), c.i.tolist(), c.j.tolist(), strict=True))  # noqa: E731
+        for bound in (best, best + 0.3):  # any upper bound on the best errors
+            tight = _fsearch.exact_candidates(xf, act, a, thr, bound, max_memory=2**26)
+            assert key(tight) == key(loose)
+        assert len(loose.m) > a.shape[1]
+
+
+class TestInvariances:
+    @pytest.mark.parametrize("s", [1e-20, 1e-10, 1e10, 1e20])
+    @pytest.mark.parametrize("name", ["relu", "tanh"])
+    def test_float32_maps_at_extreme_input_scales_equal_the_map_at_scale_one(self, s, name):
+        w, b, x = layer(80, 5, 10, seed=11, dtype=torch.float32)
+        x = x + 3.0  # off the origin, too
+        ref = quiet_map(w, b, x, activation=name)
+        scaled = quiet_map(w / s, b, x * s, activation=name)  # the same function of the same points
+        assert torch.equal(ref.idx_from, scaled.idx_from) and torch.equal(ref.idx_to, scaled.idx_to)
+        torch.testing.assert_close(scaled.func_error, ref.func_error, rtol=1e-3, atol=1e-5, equal_nan=True)
+        torch.testing.assert_close(scaled.scale, ref.scale, rtol=1e-3, atol=1e-5, equal_nan=True)
+
+    @pytest.mark.parametrize("s", [1e-20, 1e20])
+    def test_float32_relu_weights_at_extreme_scales(self, s):
+        w, b, x = layer(80, 5, 10, seed=12, dtype=torch.float32)
+        ref = quiet_map(w, b, x)
+        scaled = quiet_map(w * s, b * s, x)
+        assert torch.equal(ref.idx_from, scaled.idx_from) and torch.equal(ref.idx_to, scaled.idx_to)
+        assert bool(torch.isfinite(scaled.func_error[scaled.valid]).all())
+        torch.testing.assert_close(scaled.scale / s, ref.scale, rtol=1e-4, atol=0, equal_nan=True)
+
+    def test_translation_of_the_inputs(self):
+        w, b, x = layer(60, 3, 8, seed=13)
+        shift = torch.tensor([5.0, -2.0, 100.0], dtype=F64)
+        for refine in ("exact", "none"):
+            ref = quiet_map(w, b, x, refine=refine)
+            moved = quiet_map(w, b - w @ shift, x + shift, refine=refine)
+            assert torch.equal(ref.idx_from, moved.idx_from) and torch.equal(ref.idx_to, moved.idx_to)
+
+
+class TestDeadNeuronsAndImportance:
+    def test_a_dead_neuron_is_flagged_and_carries_no_importance(self):
+        w, b, x = layer(40, 3, 4, seed=14)
+        b[2] = -1e3  # below zero on every probe point
+        with pytest.warns(RuntimeWarning, match=r"1 of 4 neurons .*1 dead"):
+            pm = map_layer(w, b, x)
+        assert pm.reasons()[2] == "dead" and int(pm.idx_from[2]) == -1
+        assert 2 not in pm.soft_neuron.tolist()
+        heavy = torch.tensor([1.0, 1.0, 1e6, 1.0], dtype=F64)  # however much it would weigh
+        for soft in (True, False):
+            imp = pair_importance(pm, len(x), heavy, soft=soft)
+            alive = pm.valid.clone()
+            reference = pair_importance(pm, len(x), heavy * alive, soft=soft)
+            torch.testing.assert_close(imp, reference)
+
+    def test_soft_weights_sum_to_one_per_neuron(self):
+        w, b, x = layer(50, 4, 9, seed=15)
+        pm = quiet_map(w, b, x)
+        sums = torch.zeros(len(pm), dtype=F64).index_add_(0, pm.soft_neuron, pm.soft_weight)
+        torch.testing.assert_close(sums[pm.valid], torch.ones(int(pm.valid.sum()), dtype=F64))
+        assert bool((sums[~pm.valid] == 0).all())
+
+    def test_soft_importance_spreads_exact_ties_evenly(self):
+        x = torch.tensor([[0.0], [1.0], [0.0], [2.0]], dtype=F64)  # points 0 and 2 coincide
+        w, b = swim_neurons(x[[0]], x[[1]])  # relu(x): (0, 1), (0, 3), (2, 1), (2, 3) all give it exactly
+        pm = map_layer(w, b, x, refine="exact")
+        assert int(pm.n_near[0]) == 4 and int(pm.n_near_points[0]) == 4
+        soft, hard = pair_importance(pm, 4, soft=True), pair_importance(pm, 4, soft=False)
+        torch.testing.assert_close(soft, torch.full((4,), 0.25, dtype=F64))
+        torch.testing.assert_close(hard, torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=F64))
+
+
+class TestTurnover:
+    def test_two_maps_of_an_unchanged_network_have_turnover_zero(self):
+        w, b, x = layer(80, 4, 16, seed=16)
+        first, second = quiet_map(w, b, x), quiet_map(w, b, x)
+        errors, _ = pair_errors(w, b, x, first.idx_from, first.idx_to)
+        assert turnover(first, second, previous_errors=errors) == 0.0
+
+    def test_near_ties_are_not_change_but_real_moves_are(self):
+        w, b, x = layer(80, 4, 16, seed=17)
+        before = quiet_map(w, b, x)
+        g = torch.Generator().manual_seed(0)
+        nudged_w = w + 1e-4 * torch.randn(w.shape, generator=g, dtype=F64)
+        after = quiet_map(nudged_w, b, x)
+        errors, _ = pair_errors(nudged_w, b, x, before.idx_from, before.idx_to)
+        assert turnover(before, after, previous_errors=errors) == 0.0
+        moved_w = torch.randn(w.shape, generator=g, dtype=F64)
+        moved = quiet_map(moved_w, b, x)
+        errors, _ = pair_errors(moved_w, b, x, before.idx_from, before.idx_to)
+        assert turnover(before, moved, previous_errors=errors) > 0.5
+
+    def test_pair_errors_match_the_map(self):
+        w, b, x = layer(60, 4, 10, seed=18)
+        for name in ("relu", "tanh", "sigmoid"):
+            pm = quiet_map(w, b, x, activation=name)
+            err, scale = pair_errors(w, b, x, pm.idx_from, pm.idx_to, activation=name)
+            torch.testing.assert_close(err, pm.func_error, equal_nan=True)
+            torch.testing.assert_close(scale, pm.scale, equal_nan=True)
+
+
+def test_random_map_draws_distinct_points_and_fits_their_scale():
+    w, b, x = layer(30, 3, 50, seed=19, duplicates=10)
+    rm = random_map(w, b, x, generator=torch.Generator().manual_seed(0))
+    ok = rm.valid
+    assert rm.refine == "random" and bool(ok.sum() > 30)
+    assert bool(((x[rm.idx_from[ok]] - x[rm.idx_to[ok]]).norm(dim=1) > 0).all())
+    err, _ = pair_errors(w, b, x, rm.idx_from, rm.idx_to)
+    torch.testing.assert_close(rm.func_error, err, equal_nan=True)
+    again = random_map(w, b, x, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.idx_from, rm.idx_from)  # reproducible from the generator alone
+
+
+def test_auto_is_exact_for_small_probe_sets_and_says_so():
+    w, b, x = layer(100, 4, 8, seed=20)
+    assert quiet_map(w, b, x).refine == "exact"
+    from lightning_swim import pairmap
+
+    assert quiet_map(w, b, x, refine="auto", top_k=4).refine == "exact"
+    old = pairmap.AUTO_EXACT_WORK
+    try:
+        pairmap.AUTO_EXACT_WORK = 1.0
+        assert quiet_map(w, b, x).refine == "function"
+    finally:
+        pairmap.AUTO_EXACT_WORK = old
