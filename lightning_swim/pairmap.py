@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from lightning_swim import _search
-from lightning_swim._checks import check_choice, check_points, check_positive_int
+from lightning_swim._checks import check_choice, check_pairmap, check_points, check_positive_int
 from lightning_swim.activations import Activation, get_activation
 
 __all__ = ["REFINE", "PairMap", "map_layer"]
@@ -75,6 +75,9 @@ class PairMap:
     param_cost: Tensor
     func_error: Tensor
     activation: str = "relu"
+
+    def __post_init__(self) -> None:
+        check_pairmap(self, name="PairMap")  # one length, indices >= -1, -1 together, never i == j
 
     def __len__(self) -> int:
         return int(self.idx_from.shape[0])

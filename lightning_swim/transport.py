@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_swim._checks import check_choice, check_points, check_positive_int
+from lightning_swim._checks import check_choice, check_points, check_positive_finite, check_positive_int
 from lightning_swim.activations import Activation, get_activation
 from lightning_swim.pairmap import PairMap, _check_layer, _fit, _preactivation, mappable_neurons
 from lightning_swim.sampling import sample_pairs, swim_neurons
@@ -318,13 +318,11 @@ def transport_map(
     check_positive_int(max_iter, "max_iter")
     if not isinstance(tol, (int, float)) or tol <= 0:
         raise ValueError(f"Expected argument `tol` to be a positive number but got {tol!r}.")
-    for name, value in (("blur", blur), ("scaling", scaling)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"Expected argument `{name}` to be a positive number but got {value!r}.")
+    check_positive_finite(blur, "blur")
+    check_positive_finite(scaling, "scaling")
     if scaling >= 1:
         raise ValueError(f"Expected argument `scaling` in (0, 1) but got {scaling}.")
-    if reach is not None and (not isinstance(reach, (int, float)) or reach <= 0):
-        raise ValueError(f"Expected argument `reach` to be None or a positive number but got {reach!r}.")
+    check_positive_finite(reach, "reach", allow_none=True, hint=" Use reach=None for balanced transport.")
 
     M, N = weight.shape[0], x.shape[0]
     alive = mappable_neurons(weight, bias)  # the others are left out of the transport

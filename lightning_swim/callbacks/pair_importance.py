@@ -24,7 +24,7 @@ from PIL import Image
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_swim._checks import check_positive_int, check_probe
+from lightning_swim._checks import check_positive_int, split_probe
 from lightning_swim._data import probe_from_dataloader
 from lightning_swim._modelio import ActivationSpec, linear_layers
 from lightning_swim.analysis import AnalysisConfig, analyse_network, neuron_weights_of
@@ -225,13 +225,7 @@ class PairImportanceMonitor(Callback):
 
     @staticmethod
     def _split_probe(probe: Any) -> tuple[Tensor, Tensor | None] | None:
-        if probe is None:
-            return None
-        x, y = (probe, None) if isinstance(probe, Tensor) else probe
-        check_probe(x, "probe")
-        if y is not None and (not isinstance(y, Tensor) or y.shape[0] != x.shape[0]):
-            raise ValueError("Expected the probe's targets to be a tensor with one row per example.")
-        return x, y
+        return None if probe is None else split_probe(probe, "probe")
 
     @property
     @override
