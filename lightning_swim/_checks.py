@@ -161,8 +161,8 @@ def split_probe(probe: Any, name: str = "probe") -> tuple[Tensor, Tensor | None]
 def check_pairmap(pm: Any, n: int | None = None, name: str = "pairs") -> None:
     """Check a :class:`~lightning_swim.PairMap`'s structure, and its indices against ``n`` points if given.
 
-    Every per-neuron tensor is 1D of one length, the indices are integers in ``[-1, n)``, ``-1`` in
-    ``idx_from`` and ``idx_to`` together (an unmapped neuron), and no pair joins a point to itself.
+    Every per-neuron tensor is 1D of one length, the indices are integers in ``[-1, n)``, and ``-1``
+    in ``idx_from`` and ``idx_to`` together (an unmapped neuron).
     """
     fields = ("idx_from", "idx_to", "scale", "param_cost", "func_error")
     tensors = {f: getattr(pm, f, None) for f in fields}
@@ -188,9 +188,6 @@ def check_pairmap(pm: Any, n: int | None = None, name: str = "pairs") -> None:
         raise ValueError(f"Expected the indices of `{name}` to be >= -1 (-1: unmapped neuron) but found {low}.")
     if bool(((i == -1) != (j == -1)).any()):
         raise ValueError(f"Expected `{name}.idx_from` and `{name}.idx_to` to be -1 for the same (unmapped) neurons.")
-    if bool(((i == j) & (i >= 0)).any()):
-        m = int(torch.nonzero((i == j) & (i >= 0))[0])
-        raise ValueError(f"`{name}` pairs point {int(i[m])} with itself (neuron {m}); a pair needs two points.")
     if n is not None:
         high = int(torch.maximum(i.max(), j.max()))
         if high >= n:

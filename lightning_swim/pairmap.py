@@ -77,7 +77,7 @@ class PairMap:
     activation: str = "relu"
 
     def __post_init__(self) -> None:
-        check_pairmap(self, name="PairMap")  # one length, indices >= -1, -1 together, never i == j
+        check_pairmap(self, name="PairMap")  # one length, integer indices >= -1, -1 together
 
     def __len__(self) -> int:
         return int(self.idx_from.shape[0])

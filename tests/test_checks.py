@@ -29,7 +29,6 @@ class TestPairMap:
             (_pm([0, 1], [1, 2], m=3), "one length"),
             (_pm([0, -2], [1, 2]), ">= -1"),
             (_pm([0, -1], [1, 2]), "-1 for the same"),
-            (_pm([0, 3], [1, 3]), "with itself"),
             ({**_pm([0], [1]), "idx_from": torch.tensor([0.0])}, "integer indices"),
             ({**_pm([0], [1]), "scale": torch.ones(1, 1)}, "1D tensor"),
         ],
