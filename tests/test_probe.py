@@ -102,6 +102,7 @@ class TestTraceablePoints:
         assert probe.index_source == "dataset" and probe.index.shape == (40,)
         assert torch.equal(probe.x, x[probe.index]) and torch.equal(probe.y, y[probe.index])
         px, py = load_probe(t.log_dir)  # still unpacks as (x, y)
+        assert torch.equal(py, probe.y)
         assert torch.equal(px, probe.x)
         history = load_history(t.log_dir)
         assert torch.equal(history.probe.index, probe.index)
