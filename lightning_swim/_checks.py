@@ -164,12 +164,13 @@ def check_pairmap(pm: Any, n: int | None = None, name: str = "pairs") -> None:
     Every per-neuron tensor is 1D of one length, the indices are integers in ``[-1, n)``, and ``-1``
     in ``idx_from`` and ``idx_to`` together (an unmapped neuron).
     """
-    fields = ("idx_from", "idx_to", "scale", "param_cost", "func_error")
-    tensors = {f: getattr(pm, f, None) for f in fields}
-    for f, t in tensors.items():
+    tensors: dict[str, Tensor] = {}
+    for f in ("idx_from", "idx_to", "scale", "param_cost", "func_error"):
+        t = getattr(pm, f, None)
         if not isinstance(t, Tensor) or t.ndim != 1:
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"Expected `{name}.{f}` to be a 1D tensor, one entry per neuron, but got {shape}.")
+        tensors[f] = t
     lengths = {f: int(t.shape[0]) for f, t in tensors.items()}
     if len(set(lengths.values())) != 1:
         raise ValueError(
@@ -177,10 +178,8 @@ def check_pairmap(pm: Any, n: int | None = None, name: str = "pairs") -> None:
         )
     i, j = tensors["idx_from"], tensors["idx_to"]
     for f, t in (("idx_from", i), ("idx_to", j)):
-        assert t is not None
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise ValueError(f"Expected `{name}.{f}` to hold integer indices but got dtype {t.dtype}.")
-    assert i is not None and j is not None
     if i.is_meta or j.is_meta or i.numel() == 0:
         return
     low = int(torch.minimum(i.min(), j.min()))

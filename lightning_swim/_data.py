@@ -7,7 +7,8 @@ import copy
 import random
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,7 +51,8 @@ def isolated_rng() -> Iterator[None]:
         np.random.set_state(np_state)  # noqa: NPY002
 
 
-class DrawnProbe(NamedTuple):
+@dataclass(frozen=True)
+class DrawnProbe:
     """A probe set drawn from a train loader, with where each row came from (see ``ProbeSet``)."""
 
     x: Tensor
