@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 from lightning_swim._keops import pykeops_torch
 LazyTensor = pykeops_torch().LazyTensor
-for module in sys.argv[1:]:  # damaged after the start-up check, before the formula's first use
-    Path(module).write_bytes(Path(module).read_bytes()[: len(Path(module).read_bytes()) // 2])
+for arg in sys.argv[1:]:  # "<module>:<empty|truncated>": damaged after the start-up check, before its first use
+    module, damage = arg.rsplit(":", 1)
+    data = Path(module).read_bytes()
+    Path(module).write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
 x = torch.arange(10, dtype=torch.float32).reshape(5, 2)
 print("RESULT", LazyTensor(x[:, None, :]).sqdist(LazyTensor(x[None, :, :] + 0.5)).min(dim=1).ravel().tolist())
 """
@@ -58,26 +60,24 @@ def _module(cache: Path) -> Path:
 pytestmark = [pytest.mark.keops, pytest.mark.slow]
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty"])
-def test_a_damaged_module_is_rebuilt_not_imported(tmp_path, built, damage):
+@pytest.mark.parametrize(
+    ("damage", "when"),
+    [("truncated", "before the run"), ("empty", "after its start-up check")],
+)
+def test_a_damaged_module_is_rebuilt_not_imported(tmp_path, built, damage, when):
+    """Before the run: found by the start-up check of the cache. After it (a module damaged by another process
+    meanwhile): found by the check before import. Each rebuilds the module (a compilation, about 10 s)."""
     cache = Path(shutil.copytree(built, tmp_path / "cache"))
     module = _module(cache)
     whole = module.stat().st_size
-    module.write_bytes(b"" if damage == "empty" else module.read_bytes()[: whole // 2])
-    assert verify_binary(module) is not None
-    out = _run(cache)
+    if when == "before the run":
+        module.write_bytes(b"" if damage == "empty" else module.read_bytes()[: whole // 2])
+        assert verify_binary(module) is not None
+    out = _run(cache, *([] if when == "before the run" else [f"{module}:{damage}"]))
     assert out.returncode == 0, f"exit status {out.returncode} (SIGBUS is -7): {out.stderr[-2000:]}"
     assert EXPECTED in out.stdout
     assert "rebuilt" in out.stderr and module.name in out.stderr
     assert verify_binary(module) is None and module.stat().st_size == whole
-
-
-def test_a_module_damaged_after_start_up_is_rebuilt_before_import(tmp_path, built):
-    cache = Path(shutil.copytree(built, tmp_path / "cache"))
-    out = _run(cache, str(_module(cache)))
-    assert out.returncode == 0, f"exit status {out.returncode} (SIGBUS is -7): {out.stderr[-2000:]}"
-    assert EXPECTED in out.stdout and "is damaged" in out.stderr
-    assert verify_binary(_module(cache)) is None
 
 
 def test_a_damaged_formula_index_does_not_break_the_import(tmp_path, built):

@@ -591,7 +591,7 @@ class PairImportanceMonitor(Callback):
         last = self._steps[-1] if self._steps else -1
         self._resume = (state_dict.get("history_dir"), last, self._generation)
         self.history_dir = None
-        self._layout_written = bool(state_dict.get("layout_written", False))
+        self._layout_written = False  # the resumed fit may log to a new event file (a new logger version)
 
 
 def _add_png(writer: Any, tag: str, image: Image.Image, step: int) -> None:
