@@ -144,6 +144,7 @@ class TestResume:
         assert [r.generation for r in list_runs(tmp_path / "lightning_logs")] == [0, 1]
         # the resumed run's new maps are in version_1's event file
         assert _scalar_steps(Path(t.log_dir), "swim/net.0/effective_points") == [15, 20]
+        assert _has_layout(Path(t.log_dir))  # the custom-scalar charts, in the new version's event file too
 
     def test_resume_into_the_same_folder_redoes_the_abandoned_maps(self, tmp_path, data):
         _, ckpt = self._interrupted(tmp_path, data, history_dir=tmp_path / "maps")
@@ -213,6 +214,17 @@ def _scalar_steps(log_dir: Path, tag: str) -> list[int]:
         for event in EventFileLoader(str(path)).Load():
             steps += [event.step for value in event.summary.value if value.tag == tag]
     return sorted(steps)
+
+
+def _has_layout(log_dir: Path) -> bool:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return any(
+        value.metadata.plugin_data.plugin_name == "custom_scalars"
+        for path in log_dir.glob("events.out.tfevents.*")
+        for event in EventFileLoader(str(path)).Load()
+        for value in event.summary.value
+    )
 
 
 @pytest.fixture(scope="module")
