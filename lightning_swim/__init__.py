@@ -7,7 +7,7 @@ from lightning_swim._keops import configure_keops
 from lightning_swim.activations import ACTIVATIONS, Activation
 from lightning_swim.analysis import AnalysisConfig, analyse_network
 from lightning_swim.callbacks import PairImportanceMonitor, SWIMInit
-from lightning_swim.history import MapRecord, load_history, load_probe
+from lightning_swim.history import History, MapRecord, ProbeSet, RunInfo, list_runs, load_history, load_probe
 from lightning_swim.importance import (
     contribution_weights,
     cross_class_share,
@@ -20,7 +20,7 @@ from lightning_swim.importance import (
 )
 from lightning_swim.metrics import OutputR2, PredictionAgreement, fidelity
 from lightning_swim.network import convert_network, map_network
-from lightning_swim.pairmap import PairMap, map_layer
+from lightning_swim.pairmap import PairMap, map_layer, pair_errors, random_map
 from lightning_swim.sampling import sample_pairs, swim_neurons
 from lightning_swim.transport import TransportMap, transport_map
 
@@ -30,11 +30,14 @@ __all__ = [
     "ACTIVATIONS",
     "Activation",
     "AnalysisConfig",
+    "History",
     "MapRecord",
     "OutputR2",
     "PairImportanceMonitor",
     "PairMap",
     "PredictionAgreement",
+    "ProbeSet",
+    "RunInfo",
     "SWIMInit",
     "TransportMap",
     "analyse_network",
@@ -46,11 +49,14 @@ __all__ = [
     "entropy",
     "fidelity",
     "js_divergence",
+    "list_runs",
     "load_history",
     "load_probe",
     "map_layer",
     "map_network",
+    "pair_errors",
     "pair_importance",
+    "random_map",
     "sample_pairs",
     "swim_neurons",
     "topk_overlap",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -49,19 +51,43 @@ def isolated_rng() -> Iterator[None]:
         np.random.set_state(np_state)  # noqa: NPY002
 
 
+@dataclass(frozen=True)
+class DrawnProbe:
+    """A probe set drawn from a train loader, with where each row came from (see ``ProbeSet``)."""
+
+    x: Tensor
+    y: Tensor | None
+    index: Tensor  # [N] int64
+    source: str  # "dataset" (index into a map-style dataset) or "stream" (position in an iterable's first pass)
+
+
 def probe_from_dataloader(loader: Any, size: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
-    """A probe set of ``size`` examples from a ``DataLoader``.
+    """``(x, y)`` of :func:`draw_probe` (for callers that do not need the indices)."""
+    drawn = draw_probe(loader, size, generator)
+    return drawn.x, drawn.y
+
+
+def draw_probe(loader: Any, size: int, generator: torch.Generator) -> DrawnProbe:
+    """A probe set of ``size`` examples from a ``DataLoader``'s dataset, never from the loader itself.
 
     For a map-style dataset, ``size`` indices are drawn without replacement from the whole dataset
-    with ``generator`` and collated with the loader's ``collate_fn``: the result does not depend on
-    the loader's shuffling, workers or batch size. For an iterable dataset, the first batches are
-    taken. Either way every global RNG is left as it was (:func:`isolated_rng`).
+    with ``generator`` and the items collated with the loader's ``collate_fn``: the result does not
+    depend on the loader's shuffling, workers or batch size, and ``index`` holds the dataset indices.
+
+    For an iterable dataset, the first ``size`` examples of one pass over it are taken, through a
+    fresh ``DataLoader`` over a copy of the dataset (``copy.deepcopy``; the dataset itself if it
+    cannot be copied) with ``num_workers=0`` and the loader's batch size and ``collate_fn``: the
+    training loader is never iterated, so its workers (persistent ones included) are not started and
+    its streams not advanced. ``index`` holds the positions in that pass (in the main process, the
+    whole stream as a single worker sees it).
+
+    Either way every global RNG is left as it was (:func:`isolated_rng`).
     """
     with isolated_rng():
         return _probe(loader, size, generator)
 
 
-def _probe(loader: Any, size: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+def _probe(loader: Any, size: int, generator: torch.Generator) -> DrawnProbe:
     if not isinstance(loader, DataLoader):
         raise TypeError(
             f"Expected the train dataloader to be a torch DataLoader but got {type(loader).__name__}; "
@@ -74,10 +100,16 @@ def _probe(loader: Any, size: int, generator: torch.Generator) -> tuple[Tensor, 
         idx = torch.randperm(n, generator=generator)[:take].sort().values
         collate = loader.collate_fn
         batch = collate([dataset[int(i)] for i in idx])
-        return split_batch(batch)
+        x, y = split_batch(batch)
+        return DrawnProbe(x, y, idx, "dataset")
+    try:
+        own = copy.deepcopy(dataset)  # state the dataset keeps while it streams stays the trainer's
+    except Exception:
+        own = dataset
+    fresh = DataLoader(own, batch_size=loader.batch_size, collate_fn=loader.collate_fn, num_workers=0)
     xs: list[Tensor] = []
     ys: list[Tensor] = []
-    for batch in loader:
+    for batch in fresh:
         x, y = split_batch(batch)
         xs.append(x)
         if y is not None:
@@ -92,4 +124,4 @@ def _probe(loader: Any, size: int, generator: torch.Generator) -> tuple[Tensor, 
         warnings.warn(
             f"The train data have only {len(x)} examples; the probe set is smaller than {size}.", stacklevel=2
         )
-    return x, y
+    return DrawnProbe(x, y, torch.arange(len(x)), "stream")

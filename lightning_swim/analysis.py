@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_swim._checks import check_choice, check_positive_int
+from lightning_swim._checks import check_choice, check_positive_finite, check_positive_int
 from lightning_swim._modelio import (
     ActivationSpec,
     LinearLayer,
@@ -91,10 +91,8 @@ class AnalysisConfig:
         if self.task is not None:
             check_choice(self.task, "task", ("classification", "regression"))
         check_positive_int(self.n_candidates, "n_candidates")
-        if not self.blur > 0:
-            raise ValueError(f"Expected argument `blur` to be positive but got {self.blur!r}.")
-        if self.reach is not None and not self.reach > 0:
-            raise ValueError(f"Expected argument `reach` to be None or positive but got {self.reach!r}.")
+        check_positive_finite(self.blur, "blur")
+        check_positive_finite(self.reach, "reach", allow_none=True, hint=" (None: balanced transport)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"Expected argument `seed` to be an int but got {self.seed!r}.")
         if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):

@@ -27,6 +27,7 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_swim._checks import check_pairmap
 from lightning_swim.pairmap import PairMap
 
 __all__ = [
@@ -89,9 +90,8 @@ def pair_importance(pm: PairMap, n_points: int, weights: Tensor | None = None, *
         raise ValueError(f"Expected argument `weights` of shape `[{len(pm)}]` but got {tuple(weights.shape)}.")
     if bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
         raise ValueError("Expected argument `weights` to be finite and non-negative.")
+    check_pairmap(pm, n_points, name="pm")
     ok = pm.valid.cpu()
-    if bool((pm.idx_from[ok] >= n_points).any() | (pm.idx_to[ok] >= n_points).any()):
-        raise ValueError(f"The map indexes points beyond `n_points` = {n_points}.")
     omega = weights.detach().double().cpu() * ok
     if soft:
         assert pm.soft_neuron is not None and pm.soft_from is not None and pm.soft_to is not None
@@ -209,6 +209,7 @@ def cross_class_share(pm: PairMap, labels: Tensor, *, soft: bool = True) -> floa
 
     With ``soft``, each neuron counts the soft-attribution weight of its cross-class pairs.
     """
+    check_pairmap(pm, len(labels), name="pm")
     ok = pm.valid.cpu()
     if int(ok.sum()) == 0:
         return float("nan")

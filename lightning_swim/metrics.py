@@ -29,6 +29,10 @@ class PredictionAgreement(Metric):
 
     ``update(rebuilt, original)`` takes the two networks' logits, ``[B, C]`` (argmax) or ``[B]`` /
     ``[B, 1]`` (binary, by sign).
+
+    Non-finite outputs: an example on which the rebuilt network's output is not finite counts as a
+    disagreement (NaN is no prediction; argmax would call it class 0). If the *original* network's
+    output is not finite on any example, there is nothing to agree with and the result is NaN.
     """
 
     is_differentiable = False
@@ -36,39 +40,77 @@ class PredictionAgreement(Metric):
     full_state_update = False
     agree: Tensor
     total: Tensor
+    undefined: Tensor
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.add_state("agree", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("undefined", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, rebuilt: Tensor, original: Tensor) -> None:
         if rebuilt.shape != original.shape:
             raise ValueError(
                 f"Expected outputs of one shape but got {tuple(rebuilt.shape)} and {tuple(original.shape)}."
             )
-        self.agree += (_labels(rebuilt) == _labels(original)).sum()
+        ok_r, ok_o = _finite_rows(rebuilt), _finite_rows(original)
+        self.agree += ((_labels(rebuilt) == _labels(original)) & ok_r & ok_o).sum()
+        self.undefined += (~ok_o).sum()
         self.total += original.shape[0]
 
     def compute(self) -> Tensor:
-        return self.agree.double() / self.total.clamp_min(1)
+        share = self.agree.double() / self.total.clamp_min(1)
+        return torch.where(self.undefined > 0, torch.full_like(share, float("nan")), share)
 
 
 class OutputR2(R2Score):
     """R² of the rebuilt network's outputs against the original's (averaged over output units).
 
-    ``update(rebuilt, original)``: the original network's outputs play the targets.
+    ``update(rebuilt, original)``: the original network's outputs play the targets. Non-finite
+    outputs: NaN if the original's are not finite anywhere (no reference), else ``-inf`` if the
+    rebuilt network's are not (an unbounded residual).
     """
+
+    bad_original: Tensor
+    bad_rebuilt: Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("bad_original", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("bad_rebuilt", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, rebuilt: Tensor, original: Tensor) -> None:
         n = original.shape[0]
-        super().update(rebuilt.reshape(n, -1).squeeze(1), original.reshape(n, -1).squeeze(1))
+        rebuilt, original = rebuilt.reshape(n, -1), original.reshape(n, -1)
+        ok_r, ok_o = _finite_rows(rebuilt), _finite_rows(original)
+        self.bad_original += (~ok_o).sum()
+        self.bad_rebuilt += (~ok_r).sum()
+        keep = ok_r & ok_o  # the sums stay finite; the flags decide the result
+        super().update(rebuilt[keep].squeeze(1), original[keep].squeeze(1))
+
+    def compute(self) -> Tensor:
+        if int(self.bad_original) > 0:
+            return torch.tensor(float("nan"), dtype=torch.float64)
+        if int(self.bad_rebuilt) > 0:
+            return torch.tensor(-float("inf"), dtype=torch.float64)
+        return super().compute()
+
+
+def _finite_rows(out: Tensor) -> Tensor:
+    """``[B]`` bool: examples whose outputs are all finite."""
+    return torch.isfinite(out.reshape(out.shape[0], -1)).all(1)
 
 
 def fidelity(
     original: nn.Module, rebuilt: nn.Module, x: Tensor, *, task: str = "classification", batch_size: int | None = None
 ) -> float:
-    """Prediction agreement (classification) or output R² (regression) of ``rebuilt`` against ``original`` on ``x``."""
+    """Prediction agreement (classification) or output R² (regression) of ``rebuilt`` against ``original`` on ``x``.
+
+    Returns:
+        A float in ``[0, 1]`` (agreement) or ``(-inf, 1]`` (R²). Non-finite outputs are never read as
+        predictions: where the rebuilt network's outputs are NaN or infinite it disagrees (R²:
+        ``-inf``); where the original's are, fidelity is undefined and NaN is returned.
+    """
     check_choice(task, "task", FIDELITY_TASKS)
     out_o = forward_outputs(original, x, batch_size=batch_size)
     out_r = forward_outputs(rebuilt, x, batch_size=batch_size)

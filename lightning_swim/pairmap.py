@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from lightning_swim import _search
-from lightning_swim._checks import check_choice, check_points, check_positive_int
+from lightning_swim._checks import check_choice, check_pairmap, check_points, check_positive_int
 from lightning_swim._fsearch import SOFT_CUT, Candidates, exact_candidates, fit_error, sign_free, summarise
 from lightning_swim._keops import KeOpsUnavailableError
 from lightning_swim.activations import Activation, get_activation
@@ -107,6 +107,7 @@ class PairMap:
     soft_weight: Tensor | None = None
 
     def __post_init__(self) -> None:
+        check_pairmap(self, name="PairMap")  # one length, integer indices >= -1, -1 together
         idx = self.idx_from
         ok = idx >= 0
         if self.status is None:
@@ -119,6 +120,12 @@ class PairMap:
             rows = ok.nonzero().ravel()
             self.soft_neuron, self.soft_from, self.soft_to = rows, self.idx_from[rows], self.idx_to[rows]
             self.soft_weight = torch.ones(len(rows), dtype=torch.float64, device=idx.device)
+        soft = {f: getattr(self, f) for f in ("soft_neuron", "soft_from", "soft_to", "soft_weight")}
+        if len({tuple(t.shape) for t in soft.values()}) != 1 or soft["soft_neuron"].ndim != 1:
+            shapes = {f: tuple(t.shape) for f, t in soft.items()}
+            raise ValueError(
+                f"Expected the soft attribution of `PairMap` to be 1D tensors of one length but got {shapes}."
+            )
 
     def __len__(self) -> int:
         return int(self.idx_from.shape[0])

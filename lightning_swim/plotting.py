@@ -113,14 +113,29 @@ def _grid(
     return image
 
 
+def _name(index: Tensor | None, row: int) -> str:
+    """``#<dataset index>`` of a probe row (its row number without ``index``)."""
+    return f"#{int(index[row])}" if index is not None else f"#{row}"
+
+
 def top_points(
-    x: Tensor, importance: Tensor, shape: tuple[int, ...], *, k: int = 16, y: Tensor | None = None, title: str = ""
+    x: Tensor,
+    importance: Tensor,
+    shape: tuple[int, ...],
+    *,
+    k: int = 16,
+    y: Tensor | None = None,
+    title: str = "",
+    index: Tensor | None = None,
 ) -> Image.Image:
-    """A grid of the ``k`` most important probe points, each labelled with its index and importance."""
+    """A grid of the ``k`` most important probe points, each labelled with its index and importance.
+
+    ``index``: the dataset index of every probe row (``ProbeSet.index``), used in the labels.
+    """
     k = min(k, int((importance > 0).sum()) or 1)
     top = torch.topk(importance, k).indices.tolist()
     tiles = [_as_image(x[idx], shape) for idx in top]
-    labels = [f"#{idx}{_label(y, idx)}\n{100 * float(importance[idx]):.2f}%" for idx in top]
+    labels = [f"{_name(index, idx)}{_label(y, idx)}\n{100 * float(importance[idx]):.2f}%" for idx in top]
     title = title or f"The {k} most important probe points (share of pair importance)"
     return _grid(tiles, labels, min(8, k), title, lo=float(x.min()), hi=float(x.max()))
 
@@ -134,8 +149,12 @@ def top_pairs(
     k: int = 8,
     y: Tensor | None = None,
     title: str = "",
+    index: Tensor | None = None,
 ) -> Image.Image:
-    """The pairs of the ``k`` weightiest neurons, ``x_from`` next to ``x_to``, two pairs per row."""
+    """The pairs of the ``k`` weightiest neurons, ``x_from`` next to ``x_to``, two pairs per row.
+
+    ``index``: the dataset index of every probe row, used in the labels.
+    """
     weights = torch.ones(len(pm)) if neuron_weights is None else neuron_weights.detach().float().cpu()
     weights = torch.where(pm.valid.cpu(), weights, torch.full_like(weights, -1.0))
     k = min(k, int(pm.valid.sum()))
@@ -143,7 +162,10 @@ def top_pairs(
     for m in torch.topk(weights, k).indices.tolist():
         i, j = int(pm.idx_from[m]), int(pm.idx_to[m])
         tiles += [_as_image(x[i], shape), _as_image(x[j], shape)]
-        labels += [f"neuron {m}\nfrom #{i}{_label(y, i)}", f"neuron {m}\nto #{j}{_label(y, j)}"]
+        labels += [
+            f"neuron {m}\nfrom {_name(index, i)}{_label(y, i)}",
+            f"neuron {m}\nto {_name(index, j)}{_label(y, j)}",
+        ]
     title = title or "Top pairs (x_from, x_to) of the neurons with the largest weight"
     return _grid(tiles, labels, min(4, 2 * k), title, split=2, lo=float(x.min()), hi=float(x.max()))
 
@@ -202,12 +224,18 @@ def pair_arrows(
 
 
 def importance_heatmap(
-    importances: Sequence[Tensor], steps: Sequence[int], *, top: int = 40, title: str = ""
+    importances: Sequence[Tensor],
+    steps: Sequence[int],
+    *,
+    top: int = 40,
+    title: str = "",
+    index: Tensor | None = None,
 ) -> Image.Image:
     """Importance over time: the ``top`` points (most important over the run) x maps, as a heat map.
 
-    Rows are probe points (labelled ``#index``), columns the maps (labelled with their global step),
-    colour the importance in percent (scale on the right); drawn straight into an RGB image.
+    Rows are probe points (labelled ``#index``: their dataset index with ``index``, else their probe
+    row), columns the maps (labelled with their global step), colour the importance in percent
+    (scale on the right); drawn straight into an RGB image.
     """
     mat = torch.stack([imp.double().cpu() for imp in importances], 1)  # [N, maps]
     top = min(top, mat.shape[0])
@@ -220,7 +248,7 @@ def importance_heatmap(
     font, small, title_font = _font(12), _font(11), _font(15)
     title = title or f"Pair importance over training: the {top} most important points"
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    row_labels = [f"#{int(r)}" for r in rows]
+    row_labels = [_name(index, int(r)) for r in rows]
     left = max(_text_size(draw, t, small)[0] for t in row_labels) + 3 * _PAD
     title_h = _text_size(draw, title, title_font)[1] + 3 * _PAD
     heat_w, heat_h = cell_w * n_maps, cell_h * top

@@ -42,8 +42,13 @@ def swim_neurons(x_from: Tensor, x_to: Tensor, activation: str | Activation = "r
         the layout of ``nn.Linear.weight``.
 
     Raises:
-        ValueError: on shape mismatch, non-finite inputs, a pair of coincident points, or an
-            unknown activation.
+        ValueError: on shape mismatch, non-finite inputs, a pair of coincident points, a pair whose
+            neuron is not representable in the dtype (never silently zero or infinite weights), or
+            an unknown activation.
+
+    The neurons are computed in a normalised frame (the difference divided by a power of two near
+    its size), so points of size ``1e-20`` or ``1e20`` in float32 give the neurons of the points at
+    size 1, scaled.
 
     Example:
         >>> x_from, x_to = torch.tensor([[0.0, 0.0]]), torch.tensor([[2.0, 0.0]])
@@ -62,16 +67,34 @@ def swim_neurons(x_from: Tensor, x_to: Tensor, activation: str | Activation = "r
     if x_from.dtype != x_to.dtype or x_from.device != x_to.device:
         raise ValueError("Expected `x_from` and `x_to` to share dtype and device.")
     u = x_to - x_from
-    d2 = (u * u).sum(dim=1)
-    if bool((d2 == 0).any()):
-        bad = torch.nonzero(d2 == 0).ravel()[:5].tolist()
+    same = (u == 0).all(dim=1)
+    if bool(same.any()):
+        bad = torch.nonzero(same).ravel()[:5].tolist()
         raise ValueError(
-            f"{int((d2 == 0).sum())} pair(s) have coincident points (x_from == x_to), e.g. rows {bad}: "
+            f"{int(same.sum())} pair(s) have coincident points (x_from == x_to), e.g. rows {bad}: "
             "a SWIM neuron needs two distinct points."
         )
-    weight = (act.s1 / d2).unsqueeze(1) * u
+    # In a normalised frame: u = s v with s a power of two near max|u|, so that |v|^2 neither overflows
+    # nor underflows (|u|^2 does in float32 beyond |u| ~ 1e19 or below 1e-19). Scaling by a power of two
+    # is exact, so the result is bit for bit the direct formula wherever that one does not overflow.
+    s = _pow2_scale(u.abs().amax(dim=1))
+    v = u / s.unsqueeze(1)
+    weight = (act.s1 / (v * v).sum(dim=1)).unsqueeze(1) * v / s.unsqueeze(1)
     bias = -(weight * x_from).sum(dim=1) - act.s2
+    bad_rows = ~(torch.isfinite(weight).all(dim=1) & torch.isfinite(bias) & (weight != 0).any(dim=1))
+    if bool(bad_rows.any()):
+        rows = torch.nonzero(bad_rows).ravel()[:5].tolist()
+        raise ValueError(
+            f"{int(bad_rows.sum())} pair(s) are too close or too far apart for a SWIM neuron in {x_from.dtype} "
+            f"(|w| = s1 / |x_to - x_from| is not representable), e.g. rows {rows}: compute in float64."
+        )
     return weight, bias
+
+
+def _pow2_scale(t: Tensor) -> Tensor:
+    """The power of two ``2^e`` with ``t = m 2^e``, ``m`` in ``[0.5, 1)`` (1 where ``t`` is 0), elementwise."""
+    _, exponent = torch.frexp(t)
+    return torch.where(t > 0, torch.ldexp(torch.ones_like(t), exponent), torch.ones_like(t))
 
 
 def _pair_scores(x: Tensor, y: Tensor | None, idx_from: Tensor, idx_to: Tensor, task: str) -> tuple[Tensor, Tensor]:
@@ -162,7 +185,10 @@ def sample_pairs(
     cand_to = (cand_from + offset) % N  # never cand_from == cand_to
     cand_from, cand_to = cand_from.to(x.device), cand_to.to(x.device)
 
-    score, dist = _pair_scores(x, y, cand_from, cand_to, task)
+    # scores in a normalised frame: every score is proportional to 1 / distance, so dividing x by a power
+    # of two (exact) leaves the draw unchanged while keeping |x_j - x_i|^2 away from float32's overflow
+    # and underflow (points of size 1e20 or 1e-20)
+    score, dist = _pair_scores(x / _pow2_scale(x.abs().amax()), y, cand_from, cand_to, task)
     valid = dist > 0
     if not bool(valid.any()):
         raise ValueError(

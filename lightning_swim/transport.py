@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_swim._checks import check_choice, check_points, check_positive_int
+from lightning_swim._checks import check_choice, check_points, check_positive_finite, check_positive_int
 from lightning_swim._fsearch import sign_free
 from lightning_swim.activations import Activation, get_activation
 from lightning_swim.pairmap import PairMap, _check_layer, _fit, _preactivation, mappable_neurons
@@ -42,8 +42,9 @@ from lightning_swim.sampling import sample_pairs, swim_neurons
 
 __all__ = ["OT_BACKENDS", "TransportMap", "transport_map"]
 
-OT_BACKENDS = ("auto", "tensorized", "online")
+OT_BACKENDS = ("auto", "tensorized", "online", "blocked")
 DEFAULT_MAX_MEMORY = 512 * 2**20
+_warned = {"online": False}
 
 
 @dataclass
@@ -60,7 +61,7 @@ class TransportMap:
         pairs: the hard assignments as a :class:`~lightning_swim.PairMap`.
         importance: per-point importance from the plan's column mass, ``[N]``, summing to 1.
         eps: the entropic regularisation :math:`\\text{blur}^2`.
-        backend: the GeomLoss backend that ran the annealed solve.
+        backend: the backend that ran the annealed solve (``"blocked"``: the plain-PyTorch twin).
         iterations: Sinkhorn iterations run at the final temperature after GeomLoss' annealing.
     """
 
@@ -99,11 +100,12 @@ def _choose_backend(backend: str, m: int, k: int, itemsize: int, device: torch.d
         return backend
     # On a CPU the dense ("tensorized") solver is about ten times faster than KeOps' online one
     # (benchmarks/bench_transport.py), so it is used whenever its cost matrices fit in max_memory;
-    # online runs on GPUs and where a dense M x K matrix would not fit.
+    # online runs on GPUs and where a dense M x K matrix would not fit, on KeOps if it imports, else
+    # on its plain-PyTorch twin ("blocked").
     dense_fits = 3 * m * k * itemsize <= max_memory
     if device.type == "cpu" and dense_fits:
         return "tensorized"
-    return "online" if _keops_works() else "tensorized"
+    return "online" if _keops_works() else "blocked"
 
 
 def _samples_loss(blur: float, reach: float | None, scaling: float, backend: str, potentials: bool) -> Any:
@@ -121,18 +123,116 @@ def _samples_loss(blur: float, reach: float | None, scaling: float, backend: str
     )
 
 
-def _ot_potentials(alpha: Tensor, x: Tensor, beta: Tensor, y: Tensor, **kw: Any) -> tuple[Tensor, Tensor]:
-    """GeomLoss' annealed (non-debiased) dual potentials, ``[M]`` and ``[K]``: the plan's potentials."""
-    with torch.no_grad():  # SamplesLoss turns autograd back on inside; nothing here needs it
-        f, g = _samples_loss(potentials=True, **kw)(alpha.detach(), x.detach(), beta.detach(), y.detach())
-    return f.detach().reshape(-1), g.detach().reshape(-1)
+def _blocked_softmin(x: Tensor, y: Tensor, h: Tensor, eps: float, max_memory: int) -> Tensor:
+    r"""The soft-C-transform :math:`f_i = -\varepsilon \log \sum_j e^{h_j - |x_i - y_j|^2 / 2\varepsilon}`, ``[N]``.
+
+    What GeomLoss' online backend computes with a KeOps log-sum-exp reduction, here in blocks of rows
+    and columns with at most ``max_memory`` bytes of temporaries (the log-sum-exps of column blocks
+    merged with ``logaddexp``). The cost is GeomLoss' tensorized ``(|x|^2 + |y|^2 - 2 <x, y>) / 2``.
+    """
+    n, m = x.shape[0], y.shape[0]
+    entries = max(1, max_memory // (3 * x.element_size()))  # a [rows, cols] cost, its exponent, a spare
+    cols = min(m, entries)
+    rows = max(1, min(n, entries // cols))
+    sq_x, sq_y = (x * x).sum(1), (y * y).sum(1)
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    for r in range(0, n, rows):
+        xr = x[r : r + rows]
+        acc: Tensor | None = None
+        for c in range(0, m, cols):
+            cost = (sq_x[r : r + rows, None] - 2 * xr @ y[c : c + cols].T + sq_y[None, c : c + cols]).clamp_min_(0)
+            lse = torch.logsumexp(h[None, c : c + cols] - cost / (2 * eps), dim=1)
+            acc = lse if acc is None else torch.logaddexp(acc, lse)
+        assert acc is not None
+        out[r : r + rows] = -eps * acc
+    return out
 
 
-def _ot_divergence(alpha: Tensor, x: Tensor, beta: Tensor, y: Tensor, **kw: Any) -> Tensor:
-    """GeomLoss' debiased Sinkhorn divergence (a scalar tensor)."""
+def _sinkhorn_blocked(
+    alpha: Tensor,
+    x: Tensor,
+    beta: Tensor,
+    y: Tensor,
+    *,
+    blur: float,
+    reach: float | None,
+    scaling: float,
+    potentials: bool,
+    max_memory: int,
+) -> Any:
+    """GeomLoss' ``SamplesLoss("sinkhorn", p=2, backend="online")`` in plain PyTorch, in linear memory.
+
+    The same annealed Sinkhorn loop (GeomLoss' own ``sinkhorn_loop``, epsilon schedule and final
+    cost) with :func:`_blocked_softmin` in place of the KeOps reduction: the online path where KeOps
+    is missing or cannot compile. Returns the non-debiased potentials ``([M], [K])`` if
+    ``potentials``, else the debiased Sinkhorn divergence (a scalar tensor).
+    """
+    from geomloss._legacy.sinkhorn_divergence import log_weights, scaling_parameters, sinkhorn_cost, sinkhorn_loop
+
+    x, y = x.detach(), y.detach()
+    a, b = alpha.detach().reshape(1, -1), beta.detach().reshape(1, -1)
+    debias = not potentials
+
+    def softmin(eps: float, c_xy: tuple[Tensor, Tensor], h: Tensor) -> Tensor:
+        return _blocked_softmin(c_xy[0], c_xy[1], h.reshape(-1), eps, max_memory).reshape(1, -1)
+
+    _, eps, eps_list, rho = scaling_parameters(x, y, 2, blur, reach, None, scaling)
     with torch.no_grad():
-        out = _samples_loss(potentials=False, **kw)(alpha.detach(), x.detach(), beta.detach(), y.detach())
+        f_aa, g_bb, g_ab, f_ba = sinkhorn_loop(
+            softmin,
+            log_weights(a),
+            log_weights(b),
+            (x, x) if debias else None,
+            (y, y) if debias else None,
+            (x, y),
+            (y, x),
+            eps_list,
+            rho,
+            debias=debias,
+        )
+        out = sinkhorn_cost(eps, rho, a, b, f_aa, g_bb, g_ab, f_ba, batch=True, debias=debias, potentials=potentials)
+    if potentials:
+        return out[0].detach().reshape(-1), out[1].detach().reshape(-1)
     return out.detach().reshape(())
+
+
+def _ot(
+    alpha: Tensor, x: Tensor, beta: Tensor, y: Tensor, *, backend: str, auto: bool, max_memory: int, **kw: Any
+) -> tuple[Any, str]:
+    """One annealed solve (``potentials=True``: the plan's potentials, else the debiased divergence).
+
+    Returns the result and the backend that ran it. ``"online"`` runs KeOps; if KeOps fails (no
+    compiler, a formula that does not build) and the backend was chosen automatically (``auto``),
+    the plain-PyTorch twin runs instead, with one warning per process.
+    """
+    if backend == "blocked":
+        return _sinkhorn_blocked(alpha, x, beta, y, max_memory=max_memory, **kw), "blocked"
+    try:
+        with torch.no_grad():  # SamplesLoss turns autograd back on inside; nothing here needs it
+            out = _samples_loss(backend=backend, **kw)(alpha.detach(), x.detach(), beta.detach(), y.detach())
+    except Exception as err:
+        if backend != "online":
+            raise
+        reason = f"{type(err).__name__}: {str(err)[:200]}"
+        if not auto:
+            from lightning_swim._keops import KeOpsUnavailableError
+
+            raise KeOpsUnavailableError(
+                f"KeOps failed on the online transport ({reason}). Use backend='blocked' (the same solve in "
+                "plain PyTorch, in linear memory) or backend='auto'."
+            ) from err
+        if not _warned["online"]:
+            _warned["online"] = True
+            warnings.warn(
+                f"KeOps is not usable for the online transport ({reason}); it runs in plain PyTorch, in blocks "
+                "(the same results, slower on large layers).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return _sinkhorn_blocked(alpha, x, beta, y, max_memory=max_memory, **kw), "blocked"
+    if kw["potentials"]:
+        return (out[0].detach().reshape(-1), out[1].detach().reshape(-1)), backend
+    return out.detach().reshape(()), backend
 
 
 class _Costs:
@@ -300,10 +400,12 @@ def transport_map(
         reach: if given, unbalanced transport with :math:`\\rho = \\text{reach}^2`.
         scaling: GeomLoss' annealing ratio (closer to 1: more iterations, more accurate marginals).
         backend: ``"tensorized"`` (dense, fast on a CPU while ``3 M K`` numbers fit in ``max_memory``),
-            ``"online"`` (KeOps, linear memory) or ``"auto"``.
+            ``"online"`` (KeOps, linear memory), ``"blocked"`` (the online solve in plain PyTorch, in
+            blocks of ``max_memory``: no compiler needed, slower) or ``"auto"`` (tensorized where it
+            fits on a CPU, else online, falling back to blocked with one warning if KeOps fails).
         generator: randomness of the candidate draw (the global RNG is never used).
         divergence: compute the debiased Sinkhorn divergence. Its self-transport of the candidates
-            costs ``O(K^2)``: dense while ``3 K^2`` numbers fit in ``max_memory``, else KeOps online.
+            costs ``O(K^2)``: dense while ``3 K^2`` numbers fit in ``max_memory``, else online.
         tol: convergence tolerance of the final Sinkhorn iterations (largest potential change / eps).
         max_iter: bound on those iterations; a warning says when it is reached.
         max_memory: bound in bytes on the blocks of the plan (and on the dense solver under ``"auto"``).
@@ -319,13 +421,11 @@ def transport_map(
     check_positive_int(max_iter, "max_iter")
     if not isinstance(tol, (int, float)) or tol <= 0:
         raise ValueError(f"Expected argument `tol` to be a positive number but got {tol!r}.")
-    for name, value in (("blur", blur), ("scaling", scaling)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"Expected argument `{name}` to be a positive number but got {value!r}.")
+    check_positive_finite(blur, "blur")
+    check_positive_finite(scaling, "scaling")
     if scaling >= 1:
         raise ValueError(f"Expected argument `scaling` in (0, 1) but got {scaling}.")
-    if reach is not None and (not isinstance(reach, (int, float)) or reach <= 0):
-        raise ValueError(f"Expected argument `reach` to be None or a positive number but got {reach!r}.")
+    check_positive_finite(reach, "reach", allow_none=True, hint=" Use reach=None for balanced transport.")
 
     M, N = weight.shape[0], x.shape[0]
     alive = mappable_neurons(weight, bias)  # the others are left out of the transport
@@ -366,7 +466,8 @@ def transport_map(
     cw, cb = swim_neurons(x[cand_from], x[cand_to], act)
     theta, cand = _params(weight[alive], bias[alive], act), _params(cw, cb, act)
     which = _choose_backend(backend, theta.shape[0], K, x.element_size(), x.device, max_memory)
-    f, g = _ot_potentials(alpha, theta, beta, cand, blur=blur, reach=reach, scaling=scaling, backend=which)
+    opts: dict[str, Any] = dict(blur=blur, reach=reach, scaling=scaling, max_memory=max_memory, auto=backend == "auto")
+    (f, g), which = _ot(alpha, theta, beta, cand, potentials=True, backend=which, **opts)
     eps = blur**2
     costs = _Costs(theta, cand, max_memory)
     damping = 1.0 if reach is None else 1.0 / (1.0 + eps / reach**2)
@@ -381,7 +482,7 @@ def transport_map(
     if divergence:
         big = max(theta.shape[0], K)
         which_div = _choose_backend(backend, big, big, x.element_size(), x.device, max_memory)
-        div = _ot_divergence(alpha, theta, beta, cand, blur=blur, reach=reach, scaling=scaling, backend=which_div)
+        div, _ = _ot(alpha, theta, beta, cand, potentials=False, backend=which_div, **opts)
     else:
         div = torch.tensor(float("nan"), dtype=x.dtype, device=x.device)
     idx, share, col = _plan_summaries(costs, alpha, beta, f, g, eps)

@@ -220,3 +220,42 @@ class TestSamplePairs:
         i, j = sample_pairs(x, n=5)
         assert i.dtype == torch.long and i.device == x.device
         assert math.isfinite(float(swim_neurons(x[i], x[j])[0].sum()))
+
+
+SCALES = [1e-20, 1e-10, 1e10, 1e20]
+
+
+class TestExtremeScales:
+    """SWIM is invariant to scalings of its inputs: float32 points of size 1e-20 or 1e20 give the same
+    pairs as at size 1 and neurons that scale with them (issue 11, item 13)."""
+
+    @pytest.mark.parametrize("scale", SCALES)
+    @pytest.mark.parametrize("name", ["relu", "tanh"])
+    def test_neurons_scale_with_their_points(self, scale, name):
+        x = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
+        w1, b1 = swim_neurons(x[:20], x[20:], name)
+        w, b = swim_neurons(x[:20] * scale, x[20:] * scale, name)
+        # the neuron of (c x_from, c x_to) is (w / c, b); c x is rounded, so equal to float32 rounding
+        torch.testing.assert_close(w * scale, w1, rtol=1e-5, atol=0)
+        torch.testing.assert_close(b, b1, rtol=1e-5, atol=1e-5)
+        act = get_activation(name)
+        z = ((w * x[:20].mul(scale)).sum(1) + b, (w * x[20:].mul(scale)).sum(1) + b)
+        torch.testing.assert_close(z[0], torch.full_like(z[0], -act.s2), atol=1e-4, rtol=0)
+        torch.testing.assert_close(z[1], torch.full_like(z[1], act.s1 - act.s2), atol=1e-4, rtol=0)
+
+    @pytest.mark.parametrize("scale", SCALES)
+    @pytest.mark.parametrize("task", ["regression", "classification", "uniform"])
+    def test_pairs_drawn_do_not_depend_on_the_scale(self, scale, task):
+        x = torch.randn(60, 4, generator=torch.Generator().manual_seed(1))
+        y = {"regression": x[:, 0].sin(), "classification": (x[:, 1] > 0).long(), "uniform": None}[task]
+        ref = sample_pairs(x, y, 200, task=task, generator=torch.Generator().manual_seed(4))
+        got = sample_pairs(x * scale, y, 200, task=task, generator=torch.Generator().manual_seed(4))
+        assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+
+    def test_a_pair_too_close_for_the_dtype_is_an_error_not_a_zero_or_infinite_neuron(self):
+        x_from = torch.zeros(1, 2)
+        x_to = torch.tensor([[1e-45, 0.0]])  # a subnormal: |w| = 1 / 1e-45 overflows float32
+        with pytest.raises(ValueError, match="float64"):
+            swim_neurons(x_from, x_to)
+        w, _ = swim_neurons(x_from.double(), x_to.double())
+        assert bool(torch.isfinite(w).all()) and float(w[0, 0]) > 0

@@ -273,3 +273,22 @@ class TestCallback:
         )
         for k, v in saved.items():
             torch.testing.assert_close(record.weights[k], v)
+
+
+class TestExtremeScales:
+    @pytest.mark.parametrize("scale", [1e-20, 1e20])
+    def test_the_same_network_function_at_every_input_scale(self, scale):
+        """Issue 11, item 13: float32 inputs of size 1e20 gave an all-zero first layer without a word."""
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(200, 5, generator=g)
+        y = (x[:, 0] * x[:, 1] > 0).long()
+        ref, model = mlp([5, 32, 16, 2], seed=1), mlp([5, 32, 16, 2], seed=1)
+        pairs_ref = SWIMInit(seed=3).apply(ref, x, y)
+        pairs = SWIMInit(seed=3).apply(model, x * scale, y)
+        for name in pairs_ref:
+            assert torch.equal(pairs[name][0], pairs_ref[name][0]) and torch.equal(pairs[name][1], pairs_ref[name][1])
+        first, first_ref = model[0], ref[0]
+        assert bool((first.weight.abs().sum(1) > 0).all())
+        torch.testing.assert_close(first.weight * scale, first_ref.weight, rtol=1e-4, atol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x * scale), ref(x), rtol=1e-3, atol=1e-3)

@@ -178,3 +178,74 @@ class TestOutputs:
         w, b, x, cands = problem(m=2, k=5, seed=9)
         with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match="nothing to transport"):
             transport_map(torch.zeros_like(w), b, x, candidates=cands)
+
+
+class TestBlockedTwin:
+    """The online path in plain PyTorch (issue 11, item 11): the same annealed solve as GeomLoss'."""
+
+    @staticmethod
+    def _measures(m=25, k=40, d=4, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        a = torch.rand(m, generator=g, dtype=F64) + 0.1
+        b = torch.rand(k, generator=g, dtype=F64) + 0.1
+        x = torch.randn(m, d, generator=g, dtype=F64)
+        y = torch.randn(k, d, generator=g, dtype=F64) + 0.5
+        return a / a.sum(), x, b / b.sum(), y
+
+    @pytest.mark.parametrize("reach", [None, 0.7])
+    @pytest.mark.parametrize("max_memory", [2**30, 4096])  # one block; blocks of rows and columns
+    def test_potentials_and_divergence_equal_geomloss_tensorized(self, reach, max_memory):
+        from geomloss import SamplesLoss
+
+        from lightning_swim.transport import _sinkhorn_blocked
+
+        a, x, b, y = self._measures()
+        kw = dict(p=2, blur=0.3, reach=reach, scaling=0.8, backend="tensorized")
+        f_ref, g_ref = SamplesLoss("sinkhorn", debias=False, potentials=True, **kw)(a, x, b, y)
+        div_ref = SamplesLoss("sinkhorn", debias=True, **kw)(a, x, b, y)
+        opts = dict(blur=0.3, reach=reach, scaling=0.8, max_memory=max_memory)
+        f, g = _sinkhorn_blocked(a, x, b, y, potentials=True, **opts)
+        div = _sinkhorn_blocked(a, x, b, y, potentials=False, **opts)
+        torch.testing.assert_close(f, f_ref.reshape(-1), rtol=0, atol=1e-10)
+        torch.testing.assert_close(g, g_ref.reshape(-1), rtol=0, atol=1e-10)
+        torch.testing.assert_close(div, div_ref.reshape(()), rtol=0, atol=1e-10)
+
+    @pytest.mark.keops
+    def test_equal_to_the_keops_online_path(self):
+        from geomloss import SamplesLoss
+
+        from lightning_swim.transport import _sinkhorn_blocked
+
+        a, x, b, y = self._measures(seed=1)
+        kw = dict(p=2, blur=0.3, reach=None, scaling=0.8, backend="online")
+        f_ref, g_ref = SamplesLoss("sinkhorn", debias=False, potentials=True, **kw)(a, x, b, y)
+        f, g = _sinkhorn_blocked(a, x, b, y, potentials=True, blur=0.3, reach=None, scaling=0.8, max_memory=4096)
+        # GeomLoss' online path passes 1/eps as `torch.Tensor([1 / eps])`, a float32 number: 1e-7 relative
+        torch.testing.assert_close(f, f_ref.reshape(-1), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(g, g_ref.reshape(-1), rtol=1e-6, atol=1e-7)
+
+    def test_transport_map_falls_back_when_keops_cannot_compile(self, monkeypatch):
+        """The dense cost does not fit in `max_memory` and KeOps cannot build its formula: this raised
+        ModuleNotFoundError ('No module named pykeops_cpp_...')."""
+        import geomloss._legacy.sinkhorn_samples as gs
+
+        from lightning_swim import transport
+
+        def no_compiler(*args, **kwargs):
+            raise ModuleNotFoundError("No module named 'pykeops_cpp_0123456789'")
+
+        monkeypatch.setattr(gs, "lse_genred", no_compiler)
+        monkeypatch.setattr(transport, "_keops_works", lambda: True)  # pykeops imports, but cannot compile
+        monkeypatch.setitem(transport._warned, "online", False)
+        w, b, x, cands = problem(m=20, k=60, seed=5)
+        dense = transport_map(w, b, x, candidates=cands, blur=0.3, backend="tensorized")
+        with pytest.warns(RuntimeWarning, match="KeOps.*plain PyTorch"):
+            small = transport_map(w, b, x, candidates=cands, blur=0.3, max_memory=4096)
+        assert small.backend == "blocked"
+        torch.testing.assert_close(small.divergence, dense.divergence, rtol=0, atol=1e-10)
+        torch.testing.assert_close(small.f, dense.f, rtol=0, atol=1e-9, equal_nan=True)
+        assert torch.equal(small.assignment, dense.assignment)
+        with pytest.raises(Exception, match="backend='blocked'"):  # asked for KeOps by name: no silent swap
+            transport_map(w, b, x, candidates=cands, blur=0.3, backend="online")
+        blocked = transport_map(w, b, x, candidates=cands, blur=0.3, backend="blocked")
+        torch.testing.assert_close(blocked.divergence, dense.divergence, rtol=0, atol=1e-10)

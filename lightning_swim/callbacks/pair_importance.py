@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,11 @@ from PIL import Image
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_swim._checks import check_positive_int, check_probe
-from lightning_swim._data import probe_from_dataloader
+from lightning_swim._checks import check_positive_int, split_probe
+from lightning_swim._data import draw_probe
 from lightning_swim._modelio import ActivationSpec, linear_layers
 from lightning_swim.analysis import AnalysisConfig, analyse_network, neuron_weights_of
-from lightning_swim.history import MapRecord, remove_after, save_map, save_probe
+from lightning_swim.history import MapRecord, ProbeSet, new_run_id, save_map, start_run_folder
 
 __all__ = ["PairImportanceMonitor"]
 
@@ -135,8 +136,10 @@ class PairImportanceMonitor(Callback):
         log_images: log the figures at every map (True), at fit end (``"end"``, the default), at fit
             start and end (``"ends"``), or never (False).
         image_shape: the shape of one example as an image (default: guessed from the probe set).
-        save_history: write every map to ``<log_dir>/swim_maps``.
-        history_dir: where to write instead.
+        save_history: write every map to ``<log_dir>/swim_maps`` (``log_dir`` of the first
+            TensorBoardLogger, else the trainer's), or the next free ``swim_maps-v<k>`` if that folder
+            holds another run's history; the folder in use is ``monitor.history_dir``.
+        history_dir: where to write instead (the same rule: ``<history_dir>-v<k>`` if taken).
         dtype: compute the maps in this dtype (default: the model's).
 
     Example::
@@ -227,7 +230,7 @@ class PairImportanceMonitor(Callback):
         self.log_images = log_images
         self.image_shape = image_shape
         self.save_history = save_history
-        self.history_dir = Path(history_dir) if history_dir is not None else None
+        self._history_root = Path(history_dir) if history_dir is not None else None
         self._given_probe = self._split_probe(probe)
         self._state_key = self._generate_state_key(
             every_n_train_steps=every_n_train_steps,
@@ -248,17 +251,18 @@ class PairImportanceMonitor(Callback):
         self._map_seconds = 0.0
         self._last_map_seconds = 0.0
         self._figures_step: int | None = None
-        self._resumed_after: int | None = None
+        # the run's identity and its history folder (see `_begin_run`, `_start_history`)
+        self.history_dir: Path | None = None  # the folder this run writes to (set at train start)
+        self._run_id: str | None = None
+        self._generation = 0
+        self._index: Tensor | None = None
+        self._index_source = ""
+        self._resume: tuple[str | None, int, int] | None = None  # (old folder, last map step, generation)
+        self._run_trainer: weakref.ref[pl.Trainer] | None = None
 
     @staticmethod
     def _split_probe(probe: Any) -> tuple[Tensor, Tensor | None] | None:
-        if probe is None:
-            return None
-        x, y = (probe, None) if isinstance(probe, Tensor) else probe
-        check_probe(x, "probe")
-        if y is not None and (not isinstance(y, Tensor) or y.shape[0] != x.shape[0]):
-            raise ValueError("Expected the probe's targets to be a tensor with one row per example.")
-        return x, y
+        return None if probe is None else split_probe(probe, "probe")
 
     @property
     @override
@@ -284,15 +288,14 @@ class PairImportanceMonitor(Callback):
         if self._skip(trainer):
             return
         self._fit_start, self._map_seconds, self._last_map_seconds = time.perf_counter(), 0.0, 0.0
+        self._begin_run(trainer)
         if self._x is None:
             try:
                 self._draw_probe(trainer)
             except Exception as err:  # the monitor never stops training
                 self._warn_once(err, "could not draw a probe set; no map will be made")
                 return
-        if self._resumed_after is not None and trainer.is_global_zero and self.history_dir is not None:
-            remove_after(self.history_dir, self._resumed_after)  # the abandoned run's maps after the checkpoint
-        self._resumed_after = None
+        self._start_history(trainer)
         if not self._steps:  # a resumed run continues its history: no extra map at its start
             self._run(trainer, pl_module, "start")
 
@@ -338,12 +341,15 @@ class PairImportanceMonitor(Callback):
     # -- what ------------------------------------------------------------------------------------
 
     def _draw_probe(self, trainer: pl.Trainer) -> None:
+        """The given probe, or ``probe_size`` examples of the train dataset drawn with the monitor's seed from
+        the dataset itself (:func:`~lightning_swim._data.draw_probe`): the trainer's loader is never iterated."""
         if self._given_probe is not None:
             self._x, self._y = self._given_probe
+            self._index, self._index_source = torch.arange(len(self._x)), "given"
             return
         loader = trainer.train_dataloader
-        x, y = probe_from_dataloader(loader, self.probe_size, torch.Generator().manual_seed(self.seed))
-        self._x, self._y = x, y
+        drawn = draw_probe(loader, self.probe_size, torch.Generator().manual_seed(self.seed))
+        self._x, self._y, self._index, self._index_source = drawn.x, drawn.y, drawn.index, drawn.source
 
     def _layers(self, pl_module: pl.LightningModule) -> tuple[str, ...] | None:
         if self.layer_patterns is None:
@@ -355,11 +361,68 @@ class PairImportanceMonitor(Callback):
             raise ValueError(f"`layers` {self.layer_patterns} match none of the nn.Linear layers {names}.")
         return chosen
 
-    def _history_path(self, trainer: pl.Trainer) -> Path:
-        if self.history_dir is None:
-            base = trainer.log_dir or trainer.default_root_dir
-            self.history_dir = Path(base) / "swim_maps"
+    # -- the run and its history folder ----------------------------------------------------------
+
+    def _begin_run(self, trainer: pl.Trainer) -> None:
+        """A fit restored from a checkpoint resumes its run; another fit of the same trainer continues it;
+        any other fit (this monitor used by a new Trainer) is a new run, with a fresh state and history."""
+        continuing = self._run_trainer is not None and self._run_trainer() is trainer
+        if self._run_id is not None and self._resume is None and not continuing:
+            self._x = self._y = self._index = self._previous = None
+            self._index_source, self._steps, self._importances, self._failed = "", [], {}, set()
+            self._layout_written, self._figures_step = False, None
+            self._run_id, self._generation, self.history_dir = None, 0, None
+        if self._run_id is None:
+            self._run_id = new_run_id()
+        self._run_trainer = weakref.ref(trainer)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_run_trainer"] = None  # a weak reference (to tell a new Trainer from the same one) cannot be pickled
+        return state
+
+    def _log_dir(self, trainer: pl.Trainer) -> Path:
+        """The first TensorBoardLogger's log dir (where the figures go), else the trainer's."""
+        tb = self._tb_logger(trainer)
+        if tb is not None:
+            return Path(tb.log_dir)
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
+    def _start_history(self, trainer: pl.Trainer) -> None:
+        """Claim this run's history folder and write its probe (rank zero). Never raises: a folder that
+        cannot be written is reported once, and the maps are then logged but not saved."""
+        resume, self._resume = self._resume, None
+        if not self.save_history or not trainer.is_global_zero or self._x is None or self.history_dir is not None:
+            return
+        assert self._run_id is not None
+        base = self._history_root if self._history_root is not None else self._log_dir(trainer) / "swim_maps"
+        probe = ProbeSet(self._x, self._y, self._index, self._index_source, self._run_id)
+        try:
+            if resume is not None:
+                old, last_step, generation = resume
+                folder, self._generation = start_run_folder(base, probe, generation=generation, resume=(old, last_step))
+            else:
+                folder, self._generation = start_run_folder(base, probe)
+        except Exception as err:  # e.g. a read-only folder: the monitor never stops training
+            self._warn_once(err, f"cannot write the map history under {base}; maps are logged but not saved")
+            return
+        self.history_dir = folder
+        if folder != base:
+            rank_zero_info(f"PairImportanceMonitor: {base} holds another run's history; this run writes to {folder}.")
+
+    def _history_path(self, trainer: pl.Trainer) -> Path | None:
+        """The folder this run's maps are written to (None if none could be claimed)."""
         return self.history_dir
+
+    def _save_record(self, trainer: pl.Trainer, record: MapRecord) -> None:
+        """Write a map into the run's history folder; a failed write is reported once, never raised."""
+        if not self.save_history or self.history_dir is None:
+            return
+        record.run_id = self._run_id or ""
+        try:
+            save_map(self.history_dir, record)
+        except Exception as err:
+            self._warn_once(err, f"cannot write the map of step {record.step} to {self.history_dir}; it is logged only")
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
         if not trainer.is_global_zero or self._x is None:
@@ -379,11 +442,7 @@ class PairImportanceMonitor(Callback):
                     progress=progress,
                 )
             self._log(trainer, record)
-            if self.save_history:
-                path = self._history_path(trainer)
-                if not self._steps:
-                    save_probe(path, self._x, self._y)
-                save_map(path, record)
+            self._save_record(trainer, record)
             self._previous = record
             self._steps.append(record.step)
             for name, imp in record.importance.items():
@@ -442,9 +501,13 @@ class PairImportanceMonitor(Callback):
             writer.add_histogram(f"swim/{name}/importance", imp.float(), global_step=record.step)
 
     @staticmethod
-    def _writer(trainer: pl.Trainer) -> Any:
-        tb = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        return tb[0] if tb else None
+    def _tb_logger(trainer: pl.Trainer) -> TensorBoardLogger | None:
+        """The first TensorBoardLogger: figures, histograms and the history follow it (other loggers get scalars)."""
+        return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+    def _writer(self, trainer: pl.Trainer) -> Any:
+        tb = self._tb_logger(trainer)
+        return tb.experiment if tb is not None else None
 
     def _figures_due(self, when: str) -> bool:
         figures_at = {True: ("start", "step", "epoch", "end"), "end": ("end",), "ends": ("start", "end")}
@@ -486,7 +549,13 @@ class PairImportanceMonitor(Callback):
             figs: dict[str, Any] = {}
             if shape is not None:
                 figs["top_points"] = plotting.top_points(
-                    x, imp, shape, k=k, y=self._y, title=f"{name}: most important points, step {record.step}"
+                    x,
+                    imp,
+                    shape,
+                    k=k,
+                    y=self._y,
+                    title=f"{name}: most important points, step {record.step}",
+                    index=self._index,
                 )
                 figs["top_pairs"] = plotting.top_pairs(
                     x,
@@ -496,13 +565,14 @@ class PairImportanceMonitor(Callback):
                     k=min(8, k),
                     y=self._y,
                     title=f"{name}: top pairs, step {record.step}",
+                    index=self._index,
                 )
             elif x.ndim == 2 and x.shape[1] == 2:
                 figs["pairs"] = plotting.pair_arrows(
                     x, pm, importance=imp, neuron_weights=omega, y=self._y, title=f"{name}: pairs at step {record.step}"
                 )
             figs["importance_over_time"] = plotting.importance_heatmap(
-                self._importances[name], self._steps, title=f"{name}: importance over training"
+                self._importances[name], self._steps, title=f"{name}: importance over training", index=self._index
             )
             for key, fig in figs.items():
                 if isinstance(fig, Image.Image):
@@ -529,6 +599,10 @@ class PairImportanceMonitor(Callback):
             "importances": self._importances,
             "previous": prev,
             "history_dir": str(self.history_dir) if self.history_dir is not None else None,
+            "run_id": self._run_id,
+            "generation": self._generation,
+            "index": self._index,
+            "index_source": self._index_source,
             "layout_written": self._layout_written,
         }
 
@@ -543,11 +617,15 @@ class PairImportanceMonitor(Callback):
         if prev is not None:
             maps = {n: PairMap(**d) for n, d in prev["maps"].items()}
             self._previous = MapRecord(prev["step"], prev["epoch"], maps, dict(prev["importance"]))
-        if state_dict.get("history_dir") and self.history_dir is None:
-            self.history_dir = Path(state_dict["history_dir"])
-        if self._steps:  # files of the abandoned run after the checkpoint go at train start, on rank zero
-            self._resumed_after = self._steps[-1]
-        self._layout_written = bool(state_dict.get("layout_written", False))
+        # the run resumes: at train start its history continues in its folder, or in a new one that gets a
+        # link to its maps up to here (a new logger version); the abandoned continuation's maps are redone
+        self._run_id = state_dict.get("run_id") or ""  # "": a checkpoint from before runs had ids
+        self._generation = int(state_dict.get("generation", 0))
+        self._index, self._index_source = state_dict.get("index"), state_dict.get("index_source", "")
+        last = self._steps[-1] if self._steps else -1
+        self._resume = (state_dict.get("history_dir"), last, self._generation)
+        self.history_dir = None
+        self._layout_written = False  # the resumed fit may log to a new event file (a new logger version)
 
 
 def _add_png(writer: Any, tag: str, image: Image.Image, step: int) -> None:
