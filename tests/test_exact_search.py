@@ -270,3 +270,62 @@ def test_auto_is_exact_for_small_probe_sets_and_says_so():
         assert quiet_map(w, b, x).refine == "function"
     finally:
         pairmap.AUTO_EXACT_WORK = old
+
+
+@pytest.mark.keops
+@pytest.mark.parametrize("name", ["relu", "leaky_relu", "tanh", "sigmoid"])
+def test_keops_twin_gives_the_same_map(name):
+    w, b, x = layer(45, 5, 7, seed=21, duplicates=2)
+    kw = dict(activation=name, refine="exact", atol=0.05)
+    k, t = quiet_map(w, b, x, backend="keops", **kw), quiet_map(w, b, x, backend="torch", **kw)
+    for f in ("idx_from", "idx_to", "status", "n_near", "n_near_points"):
+        assert torch.equal(getattr(k, f), getattr(t, f)), f
+    torch.testing.assert_close(k.func_error, t.func_error, equal_nan=True)
+    # the soft sets agree up to the order of exact ties and pairs at the cut (weights ~exp(-5) of the best)
+    torch.testing.assert_close(pair_importance(k, len(x)), pair_importance(t, len(x)), atol=1e-3, rtol=0)
+
+
+def test_keops_twin_refuses_activations_it_cannot_write(monkeypatch):
+    from lightning_swim import _fsearch
+    from lightning_swim._keops import KeOpsUnavailableError
+    from lightning_swim.activations import Activation
+
+    odd = Activation("softsign", 1.0, 0.5, False, torch.nn.functional.softsign)
+    with pytest.raises(KeOpsUnavailableError, match="no formula"):
+        _fsearch._keops_activation(odd, None, None)
+
+
+@pytest.mark.slow
+def test_soft_importance_is_the_same_at_other_probe_orders_dtypes_and_top_k():
+    """On a trained digits network (64-64-10, Adam): the default map's importance does not depend on
+    the order of the probe rows, the dtype or ``top_k``; the top-k path's argmin importance does."""
+    from helpers import train_mlp
+    from scipy.stats import spearmanr
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(X[:400] / 16.0, dtype=torch.float32), torch.tensor(y[:400])
+    model = train_mlp([64, 64, 10], x, y, epochs=30, lr=1e-3, batch_size=32)
+    w, b = model[0].weight.detach(), model[0].bias.detach()
+    omega = model[2].weight.detach().norm(dim=0) * w.norm(dim=1)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))
+
+    def importance(pm, soft=True, order=None):
+        imp = pair_importance(pm, len(x), omega.to(pm.scale.dtype), soft=soft)
+        if order is None:
+            return imp
+        out = torch.zeros_like(imp)
+        out[order] = imp
+        return out
+
+    ref = importance(quiet_map(w, b, x))
+    settings_ = {
+        "probe order": importance(quiet_map(w, b, x[perm]), order=perm),
+        "float64": importance(quiet_map(w.double(), b.double(), x.double())),
+        "top_k=16": importance(quiet_map(w, b, x, top_k=16)),
+    }
+    for label, imp in settings_.items():
+        assert spearmanr(ref, imp)[0] >= 0.9, label
+    # what the exact, soft default fixes: re-ranked candidates depend on how many there are
+    a, c = quiet_map(w, b, x, refine="function", top_k=16), quiet_map(w, b, x, refine="function", top_k=128)
+    assert spearmanr(importance(a, soft=False), importance(c, soft=False))[0] < 0.9

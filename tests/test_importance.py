@@ -55,7 +55,7 @@ class TestImportance:
             pair_importance(pm([0], [1]), 3, torch.ones(2))
         with pytest.raises(ValueError, match="non-negative"):
             pair_importance(pm([0], [1]), 3, -torch.ones(1))
-        with pytest.raises(ValueError, match="beyond"):
+        with pytest.raises(ValueError, match="refers to point 5"):
             pair_importance(pm([0], [5]), 3)
 
     def test_contribution_weights(self):
