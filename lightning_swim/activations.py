@@ -1,41 +1,59 @@
-"""The activation registry: what SWIM needs to know about the nonlinearity after a dense layer.
+r"""The activation registry: what SWIM needs to know about the nonlinearity after a dense layer.
 
 A SWIM neuron of an ordered pair ``(x_i, x_j)`` (Bolager et al., 2023) has the pre-activation
 
 .. math::
-    z(x) = s_1 \\frac{\\langle x_j - x_i, x - x_i\\rangle}{\\lVert x_j - x_i\\rVert^2} - s_2,
+    z(x) = s_1 \frac{\langle x_j - x_i, x - x_i\rangle}{\lVert x_j - x_i\rVert^2} - s_2,
 
 so that :math:`z(x_i) = -s_2` and :math:`z(x_j) = s_1 - s_2`. The constants depend on the activation:
 
-=========== ================= ================= ============
-activation  :math:`s_1`       :math:`s_2`       homogeneous
-=========== ================= ================= ============
-relu        1                 0                 yes
-leaky_relu  1                 0                 yes
-tanh        :math:`\\ln 3`     :math:`\\ln 3 / 2` no
-sigmoid     :math:`2 \\ln 3`   :math:`\\ln 3`     no
-=========== ================= ================= ============
+=========== ======================= ================= ============
+activation  :math:`s_1`             :math:`s_2`       homogeneous
+=========== ======================= ================= ============
+relu        1                       0                 yes
+leaky_relu  1                       0                 yes
+tanh        :math:`\ln 3`           :math:`\ln 3 / 2` no
+sigmoid     :math:`2 \ln 3`         :math:`\ln 3`     no
+gelu        see below               see below         no
+silu        see below               see below         no
+softplus    see below               see below         no
+=========== ======================= ================= ============
 
-For tanh, :math:`\\tanh(-s_2) = -1/2` and :math:`\\tanh(s_1 - s_2) = 1/2`; sigmoid is
-:math:`(1 + \\tanh(z / 2)) / 2`, so its constants are those of tanh doubled.
+For tanh, :math:`\tanh(-s_2) = -1/2` and :math:`\tanh(s_1 - s_2) = 1/2`; sigmoid is
+:math:`(1 + \tanh(z / 2)) / 2`, so its constants are those of tanh doubled.
 
-*Homogeneous* activations satisfy :math:`\\sigma(c z) = c \\sigma(z)` for :math:`c > 0`: a neuron
+*Homogeneous* activations satisfy :math:`\sigma(c z) = c \sigma(z)` for :math:`c > 0`: a neuron
 ``(w, b)`` with outgoing weights ``a`` computes the same function as ``(c w, c b)`` with ``a / c``, so
 only its direction matters and its magnitude is carried by a positive ``scale``.
+
+**Smooth ReLUs (GELU, SiLU, Softplus).** They are not homogeneous, so a neuron's magnitude is matched
+as for tanh. Each bends around :math:`z = 0` (its second derivative is largest there) and becomes
+linear away from it. The pair puts ``x_i`` at the centre of the bend and ``x_j`` one unit further, as
+ReLU's pair does: :math:`s_1 = 1`, :math:`s_2 = 0` (for Softplus with ``beta`` the bend has width
+:math:`1/\beta`, so :math:`s_1 = 1/\beta`). ``../docs/maths.md`` derives the alternatives (bracketing
+the bend between the zeros of :math:`\sigma''`, :math:`\pm\sqrt 2` for GELU, or between the points
+where :math:`\sigma''` is half its maximum) and the measurement on trained GELU and SiLU networks that
+chose this one.
+
+:func:`detect` tells an activation from a torch function call (``F.gelu(z, approximate="tanh")``,
+``torch.tanh``, ``F.leaky_relu(z, 0.2)``, ...), which is how modules (``nn.GELU``) and functional
+calls in ``forward`` are both recognised.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "Activation", "get_activation"]
+__all__ = ["ACTIVATIONS", "Activation", "detect", "get_activation"]
 
 _LN3 = math.log(3.0)
 
@@ -77,12 +95,27 @@ class Activation:
             negative_slope,
         )
 
+    @staticmethod
+    def softplus(beta: float = 1.0, threshold: float = 20.0) -> Activation:
+        """Softplus :math:`\\log(1 + e^{\\beta z}) / \\beta`: its bend has width :math:`1/\\beta`."""
+        if not (math.isfinite(beta) and beta > 0):
+            raise ValueError(f"Expected a finite positive `beta` but got {beta}.")
+        return Activation(
+            "softplus", _SMOOTH_S1 / beta, _SMOOTH_S2 / beta, False, partial(F.softplus, beta=beta, threshold=threshold)
+        )
+
+
+_SMOOTH_S1, _SMOOTH_S2 = 1.0, 0.0  # the smooth ReLUs' pair: x_i at the centre of the bend, x_j one unit on
 
 ACTIVATIONS: dict[str, Activation] = {
     "relu": Activation("relu", 1.0, 0.0, True, torch.relu),
     "leaky_relu": Activation.leaky_relu(0.01),
     "tanh": Activation("tanh", _LN3, _LN3 / 2, False, torch.tanh),
     "sigmoid": Activation("sigmoid", 2 * _LN3, _LN3, False, torch.sigmoid),
+    "gelu": Activation("gelu", _SMOOTH_S1, _SMOOTH_S2, False, F.gelu),
+    "gelu_tanh": Activation("gelu_tanh", _SMOOTH_S1, _SMOOTH_S2, False, partial(F.gelu, approximate="tanh")),
+    "silu": Activation("silu", _SMOOTH_S1, _SMOOTH_S2, False, F.silu),
+    "softplus": Activation.softplus(1.0),
 }
 """The registry: name -> :class:`Activation`."""
 
@@ -102,3 +135,48 @@ def get_activation(activation: str | Activation) -> Activation:
     raise ValueError(
         f"Invalid activation {activation!r}. Must be one of {sorted(ACTIVATIONS)} (or an `Activation` instance)."
     )
+
+
+def _bound(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments by name (empty where the signature cannot be read, e.g. a C builtin)."""
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        return {}
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError:
+        return {}
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def function_name(func: Callable[..., Any]) -> str:
+    """A torch function's name without the in-place suffix: ``relu_`` -> ``relu``, ``__add__`` kept."""
+    name = getattr(func, "__name__", repr(func))
+    if name.endswith("_") and not name.endswith("__"):
+        name = name[:-1]
+    return name
+
+
+def detect(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Activation | None:
+    """The activation a torch function call computes, or ``None`` if it is none SWIM knows.
+
+    ``func`` is what a ``TorchFunctionMode`` sees: ``F.gelu`` (also what ``nn.GELU`` calls, with its
+    ``approximate``), ``F.silu``, ``F.softplus`` (with ``beta``), ``F.leaky_relu`` (with its slope),
+    ``torch.relu``/``Tensor.relu_``, ``torch.tanh``, ``torch.sigmoid``, ...
+    """
+    name = function_name(func)
+    if name == "leaky_relu":
+        slope = args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01)
+        return Activation.leaky_relu(float(slope))
+    if name == "gelu":
+        approximate = args[1] if len(args) > 1 else kwargs.get("approximate", "none")
+        return ACTIVATIONS["gelu_tanh" if approximate == "tanh" else "gelu"]
+    if name == "softplus":
+        beta = args[1] if len(args) > 1 else kwargs.get("beta", 1.0)
+        threshold = args[2] if len(args) > 2 else kwargs.get("threshold", 20.0)
+        return Activation.softplus(float(beta), float(threshold)) if float(beta) != 1.0 else ACTIVATIONS["softplus"]
+    if name in ("relu", "tanh", "sigmoid", "silu"):
+        return ACTIVATIONS[name]
+    return None
