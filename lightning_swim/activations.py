@@ -14,9 +14,9 @@ relu        1                       0                 yes
 leaky_relu  1                       0                 yes
 tanh        :math:`\ln 3`           :math:`\ln 3 / 2` no
 sigmoid     :math:`2 \ln 3`         :math:`\ln 3`     no
-gelu        see below               see below         no
-silu        see below               see below         no
-softplus    see below               see below         no
+gelu        :math:`2 z^*`             :math:`z^*`         no
+silu        :math:`2 z^*`             :math:`z^*`         no
+softplus    :math:`2 z^* / \beta`    :math:`z^* / \beta`  no
 =========== ======================= ================= ============
 
 For tanh, :math:`\tanh(-s_2) = -1/2` and :math:`\tanh(s_1 - s_2) = 1/2`; sigmoid is
@@ -27,13 +27,13 @@ For tanh, :math:`\tanh(-s_2) = -1/2` and :math:`\tanh(s_1 - s_2) = 1/2`; sigmoid
 only its direction matters and its magnitude is carried by a positive ``scale``.
 
 **Smooth ReLUs (GELU, SiLU, Softplus).** They are not homogeneous, so a neuron's magnitude is matched
-as for tanh. Each bends around :math:`z = 0` (its second derivative is largest there) and becomes
-linear away from it. The pair puts ``x_i`` at the centre of the bend and ``x_j`` one unit further, as
-ReLU's pair does: :math:`s_1 = 1`, :math:`s_2 = 0` (for Softplus with ``beta`` the bend has width
-:math:`1/\beta`, so :math:`s_1 = 1/\beta`). ``../docs/maths.md`` derives the alternatives (bracketing
-the bend between the zeros of :math:`\sigma''`, :math:`\pm\sqrt 2` for GELU, or between the points
-where :math:`\sigma''` is half its maximum) and the measurement on trained GELU and SiLU networks that
-chose this one.
+as for tanh. Each is linear far from 0 and bends around 0, where its curvature :math:`\sigma''` is
+largest. The pair brackets that bend symmetrically, between the points where the curvature has
+fallen to half its maximum: :math:`\sigma''(\pm z^*) = \sigma''(0) / 2`, :math:`s_2 = z^*`,
+:math:`s_1 = 2 z^*` (GELU :math:`z^* = \sqrt{2 (1 - W(e/2))} \approx 0.7936`, its tanh approximation
+0.7930, SiLU 1.1707, Softplus :math:`2 \ln(1 + \sqrt 2) \approx 1.7627`, divided by ``beta``).
+``../docs/maths.md`` derives them and compares this rule, on trained GELU and SiLU networks, with
+bracketing the zeros of :math:`\sigma''` (:math:`\pm\sqrt 2` for GELU) and with ReLU's constants.
 
 :func:`detect` tells an activation from a torch function call (``F.gelu(z, approximate="tanh")``,
 ``torch.tanh``, ``F.leaky_relu(z, 0.2)``, ...), which is how modules (``nn.GELU``) and functional
@@ -42,7 +42,6 @@ calls in ``forward`` are both recognised.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,21 +99,32 @@ class Activation:
         """Softplus :math:`\\log(1 + e^{\\beta z}) / \\beta`: its bend has width :math:`1/\\beta`."""
         if not (math.isfinite(beta) and beta > 0):
             raise ValueError(f"Expected a finite positive `beta` but got {beta}.")
-        return Activation(
-            "softplus", _SMOOTH_S1 / beta, _SMOOTH_S2 / beta, False, partial(F.softplus, beta=beta, threshold=threshold)
-        )
+        z = _HALF_CURVATURE["softplus"] / beta
+        return Activation("softplus", 2 * z, z, False, partial(F.softplus, beta=beta, threshold=threshold))
 
 
-_SMOOTH_S1, _SMOOTH_S2 = 1.0, 0.0  # the smooth ReLUs' pair: x_i at the centre of the bend, x_j one unit on
+# z* > 0 with sigma''(z*) = sigma''(0) / 2: the smooth ReLUs' pairs run from -z* to +z* (docs/maths.md)
+_HALF_CURVATURE = {
+    "gelu": 0.7936284493960711,  # sqrt(2 (1 - W(e / 2))), W the Lambert W function
+    "gelu_tanh": 0.7929887111353349,  # numerically
+    "silu": 1.1706859459296803,  # numerically
+    "softplus": 1.7627471740390859,  # 2 ln(1 + sqrt(2)) = 2 arcosh(sqrt(2))
+}
 
 ACTIVATIONS: dict[str, Activation] = {
     "relu": Activation("relu", 1.0, 0.0, True, torch.relu),
     "leaky_relu": Activation.leaky_relu(0.01),
     "tanh": Activation("tanh", _LN3, _LN3 / 2, False, torch.tanh),
     "sigmoid": Activation("sigmoid", 2 * _LN3, _LN3, False, torch.sigmoid),
-    "gelu": Activation("gelu", _SMOOTH_S1, _SMOOTH_S2, False, F.gelu),
-    "gelu_tanh": Activation("gelu_tanh", _SMOOTH_S1, _SMOOTH_S2, False, partial(F.gelu, approximate="tanh")),
-    "silu": Activation("silu", _SMOOTH_S1, _SMOOTH_S2, False, F.silu),
+    "gelu": Activation("gelu", 2 * _HALF_CURVATURE["gelu"], _HALF_CURVATURE["gelu"], False, F.gelu),
+    "gelu_tanh": Activation(
+        "gelu_tanh",
+        2 * _HALF_CURVATURE["gelu_tanh"],
+        _HALF_CURVATURE["gelu_tanh"],
+        False,
+        partial(F.gelu, approximate="tanh"),
+    ),
+    "silu": Activation("silu", 2 * _HALF_CURVATURE["silu"], _HALF_CURVATURE["silu"], False, F.silu),
     "softplus": Activation.softplus(1.0),
 }
 """The registry: name -> :class:`Activation`."""
@@ -135,20 +145,6 @@ def get_activation(activation: str | Activation) -> Activation:
     raise ValueError(
         f"Invalid activation {activation!r}. Must be one of {sorted(ACTIVATIONS)} (or an `Activation` instance)."
     )
-
-
-def _bound(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The call's arguments by name (empty where the signature cannot be read, e.g. a C builtin)."""
-    try:
-        sig = inspect.signature(func)
-    except (TypeError, ValueError):
-        return {}
-    try:
-        bound = sig.bind(*args, **kwargs)
-    except TypeError:
-        return {}
-    bound.apply_defaults()
-    return dict(bound.arguments)
 
 
 def function_name(func: Callable[..., Any]) -> str:

@@ -107,14 +107,18 @@ class TestActivations:
         assert soft.s1 == pytest.approx(ACTIVATIONS["softplus"].s1 / 4)
 
     @pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "silu", "softplus"])
-    def test_smooth_relus_put_x_from_at_the_centre_of_the_bend(self, name):
-        """docs/maths.md: the pair of a smooth ReLU starts where its curvature is largest, z = -s2 = 0."""
+    def test_smooth_relus_bracket_the_bend_at_half_its_curvature(self, name):
+        """docs/maths.md: sigma''(-s2) = sigma''(s1 - s2) = sigma''(0) / 2, and the curvature peaks at 0."""
         act = ACTIVATIONS[name]
-        z = torch.linspace(-4, 4, 801, dtype=F64, requires_grad=True)
+        z = torch.tensor([-act.s2, 0.0, act.s1 - act.s2], dtype=F64, requires_grad=True)
         (d1,) = torch.autograd.grad(act(z).sum(), z, create_graph=True)
         (d2,) = torch.autograd.grad(d1.sum(), z)
-        assert float(z.detach()[d2.argmax()]) == pytest.approx(-act.s2, abs=1e-2)
-        assert act.s1 - act.s2 == pytest.approx(1.0) and not act.homogeneous
+        torch.testing.assert_close(d2[[0, 2]], d2[[1, 1]] / 2, rtol=1e-12, atol=1e-12)
+        grid = torch.linspace(-4, 4, 801, dtype=F64, requires_grad=True)
+        (g1,) = torch.autograd.grad(act(grid).sum(), grid, create_graph=True)
+        (g2,) = torch.autograd.grad(g1.sum(), grid)
+        assert float(grid.detach()[g2.argmax()]) == pytest.approx(0.0, abs=1e-2)
+        assert act.s1 == pytest.approx(2 * act.s2) and not act.homogeneous
 
 
 class TestReading:

@@ -16,6 +16,7 @@ from torch import nn
 from lightning_swim import SWIMInit
 from lightning_swim._data import probe_from_dataloader
 from lightning_swim._datasets import digits
+from lightning_swim.activations import ACTIVATIONS
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -206,14 +207,15 @@ class TestModels:
 
     def test_smooth_relus_are_sampled(self):
         x, y = _regression_data(300, 0)
-        for act in (nn.GELU, nn.SiLU):
+        for act, name in ((nn.GELU, "gelu"), (nn.SiLU, "silu")):
             model = mlp([3, 16, 1], act, seed=0)
             pairs = SWIMInit(seed=0).apply(model, x, y)
             i, j = pairs["0"]
             with torch.no_grad():
                 z = model[0](x)
-            torch.testing.assert_close(z[i, torch.arange(16)], torch.zeros(16), atol=1e-5, rtol=0)
-            torch.testing.assert_close(z[j, torch.arange(16)], torch.ones(16), atol=1e-5, rtol=0)
+            s1, s2 = ACTIVATIONS[name].s1, ACTIVATIONS[name].s2
+            torch.testing.assert_close(z[i, torch.arange(16)], torch.full((16,), -s2), atol=1e-5, rtol=0)
+            torch.testing.assert_close(z[j, torch.arange(16)], torch.full((16,), s1 - s2), atol=1e-5, rtol=0)
 
     def test_lightning_module_holding_a_sequential(self):
         xtr, ytr, xte, yte = digits()
