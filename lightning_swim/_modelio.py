@@ -40,6 +40,7 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from lightning_swim._checks import check_model
 from lightning_swim.activations import ACTIVATIONS, Activation, detect, function_name, get_activation
 
 ActivationSpec = str | Activation | Mapping[str, str | Activation] | None
@@ -193,6 +194,10 @@ class LayerKind:
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, self.types)
 
+    def problem(self, module: nn.Module) -> str | None:
+        """Why a layer of this kind can be neither mapped nor written whatever its input, or ``None``."""
+        return None
+
     def points(self, module: nn.Module, inp: Tensor) -> Tensor:
         """The layer's input on a batch as points of its input space, ``[n, d]``; raises :class:`Unmappable`."""
         raise NotImplementedError
@@ -218,6 +223,12 @@ class LinearKind(LayerKind):
     name = "linear"
     types = (nn.Linear,)
     neuron_dim = -1
+
+    def problem(self, module: nn.Module) -> str | None:
+        n_out, n_in = self.parameters(module)[0].shape
+        if n_in == 0 or n_out == 0:
+            return f"it has zero width (nn.Linear({n_in}, {n_out})): a SWIM neuron needs an input and a neuron"
+        return None
 
     def points(self, module: nn.Module, inp: Tensor) -> Tensor:
         if inp.ndim != 2:
@@ -902,6 +913,7 @@ def read_model(
             ``activations`` names a layer that is not called.
         RuntimeError: if the forward pass fails on ``x`` (the message has the error and what to check).
     """
+    check_model(model)
     kinds = {m: (n, k) for n, m in model.named_modules() if (k := kind_of(m)) is not None}
     if not kinds:
         raise ValueError(f"The model ({type(model).__name__}) has no nn.Linear layer: nothing for SWIM to do.")
@@ -924,7 +936,7 @@ def read_model(
         name, kind = kinds[module]
         layer = found.get(module)
         if layer is None:
-            layer = found[module] = LayerReading(name, module, kind)
+            layer = found[module] = LayerReading(name, module, kind, blocker=kind.problem(module))
         layer.calls += 1 if chunk[0] == 0 else 0
         if layer.calls > 1 and chunk[0] == 0:
             layer.blocker = (

@@ -226,6 +226,8 @@ def rebuild(
         derive[layer.name] = _from_pairs(layer, pm, _activation_of(layer, pm), coincident)
     if output == "refit":
         out_layer = reading.output_layer
+        if (why := out_layer.kind.problem(out_layer.module)) is not None:
+            raise ValueError(f"Output layer {out_layer.name!r} cannot be refitted: {why}; use output='keep'.")
         if not out_layer.has_bias:
             raise ValueError(f"Output layer {out_layer.name!r} has no bias; use output='keep'.")
         if writable_in is not None and (why := reading.unwritable(out_layer, writable_in)) is not None:

@@ -28,6 +28,7 @@ from lightning_swim._modelio import (
     select_output,
 )
 from lightning_swim.activations import ACTIVATIONS
+from lightning_swim.analysis import AnalysisConfig, analyse_network, forward_passes
 from lightning_swim.network import output_fidelity, rebuild
 
 F64 = torch.float64
@@ -205,6 +206,18 @@ class TestReading:
     def test_output_selection(self, out, key, expected):
         assert torch.equal(select_output(out, key), expected)
 
+    def test_zero_width_and_meta_models_are_named(self):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch: initialising zero-element tensors
+            model = _net(nn.Linear(5, 0), nn.ReLU(), nn.Linear(0, 4), nn.ReLU(), nn.Linear(4, 1))
+            thin_output = _net(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 0))
+        reading = read_model(model, _x())
+        assert all("zero width (nn.Linear(" in la.reason for la in reading.hidden)
+        with pytest.raises(ValueError, match=r"Cannot solve the output layer '2': it has zero width"):
+            SWIMInit().apply(thin_output, _x(), torch.zeros(60, 0))
+        with pytest.raises(ValueError, match=r"parameter `0.weight` is a meta tensor"):
+            read_model(_net(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 1)).to("meta"), _x())
+
     def test_output_selection_error_names_the_fix(self):
         with pytest.raises(TypeError, match=r"keys \['aux', 'pred_x'\].*output_key='logits'"):
             select_output({"pred_x": torch.ones(1), "aux": torch.ones(1)})
@@ -267,6 +280,16 @@ class TestOneReading:
         count.passes = 0
         read_model(model, x, batch_size=50)  # in chunks: one call per chunk
         assert count.passes == 4
+
+    def test_a_map_of_the_monitor_costs_the_stated_passes(self):
+        model, x = self._model()
+        count = _Counting(model, model[2])
+        record = analyse_network(model, x, config=AnalysisConfig(top_k=4, backend="torch", refine="function"))
+        assert list(record.maps) == ["0", "2"]
+        assert (count.passes, count.user) == (forward_passes(2), forward_passes(2)) == (9, 9)
+        count.passes = 0
+        analyse_network(model, x, config=AnalysisConfig(top_k=4, backend="torch", refine="function", fidelity=False))
+        assert count.passes == forward_passes(2, fidelity=False) == PASSES_PER_READING
 
     def test_a_rebuild_copies_nothing_and_changes_nothing(self, monkeypatch):
         model, x = self._model()
@@ -445,7 +468,7 @@ class _Classifier(pl.LightningModule):
         x, y = batch
         out = self.net(x)
         if isinstance(out, dict):
-            out = out["logits"]
+            out = out["logits"] if "logits" in out else out["pred"]
         return F.cross_entropy(out.float(), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -564,6 +587,28 @@ class TestWhatTheMonitorMaps:
             _Classifier(_plain(), x, y, with_forward=False)
         )
         assert [list(r.maps) for r in load_history(tmp_path / "b" / "swim_maps")] == [["0"], ["0"]]
+
+    def test_an_output_key_selects_what_the_fidelity_compares(self, tmp_path, data):
+        """Issue 11.14: a model returning a dict without a `logits` entry; the fix is named at fit start."""
+
+        class Heads(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.a, self.b = nn.Linear(64, 16), nn.Linear(16, 10)
+
+            def forward(self, x: Tensor) -> dict[str, Tensor]:
+                h = torch.relu(self.a(x))
+                return {"features": h, "pred": self.b(h)}
+
+        with pytest.raises(MisconfigurationException, match=r"keys \['features', 'pred'\].*Pass `output_key`"):
+            _fit(tmp_path / "a", Heads, data, [PairImportanceMonitor(probe_size=32, top_k=2)])
+        monitor = PairImportanceMonitor(
+            output_key="pred", every_n_train_steps=4, probe_size=64, top_k=4, log_images=False
+        )
+        _fit(tmp_path / "b", Heads, data, [monitor])
+        history = load_history(tmp_path / "b" / "swim_maps")
+        assert [r.step for r in history] == [0, 4, 8]
+        assert 0.0 <= history[-1].scalars["swim/network/fidelity_keep"] <= 1.0
 
     def test_dict_outputs_bf16_and_bias_free_layers(self, tmp_path, data):
         """Issue 11.14: a dict output, precision="bf16-true" and bias-free hidden layers are mapped."""

@@ -149,6 +149,9 @@ class PairImportanceMonitor(Callback):
             probe set once and raises, with the fix, if no map can run; hidden layers that cannot be
             mapped (a ``LayerNorm`` before the activation, an activation SWIM does not know) are
             named in one warning and skipped, the others mapped.
+        output_key: selects the output tensor the fidelity compares when the model returns several: a
+            dict key, a tuple index or a callable; by default the output itself, the first element of
+            a tuple, or the ``"logits"`` entry of a dict.
 
     Example::
 
@@ -190,6 +193,7 @@ class PairImportanceMonitor(Callback):
         history_dir: str | os.PathLike[str] | None = None,
         dtype: torch.dtype | None = None,
         module: str | None = None,
+        output_key: str | int | Callable[[Any], Tensor] | None = None,
     ) -> None:
         if module is not None and not isinstance(module, str):  # (issue 11.15) the submodule to map
             raise ValueError(f"Expected argument `module` to be a submodule's name but got {module!r}.")
@@ -232,6 +236,7 @@ class PairImportanceMonitor(Callback):
             reach=reach,
             seed=seed,
             dtype=dtype,
+            output_key=output_key,
         )
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs
@@ -384,7 +389,12 @@ class PairImportanceMonitor(Callback):
             return
         target = self._target(pl_module)
         try:
-            reading = read_model(target, self._x[: min(len(self._x), 8)], activations=self.config.activations)
+            reading = read_model(
+                target,
+                self._x[: min(len(self._x), 8)],
+                activations=self.config.activations,
+                output_key=self.config.output_key,
+            )
             if self.config.fidelity:
                 _ = reading.output  # the output tensor can be found
         except Exception as err:
@@ -404,19 +414,14 @@ class PairImportanceMonitor(Callback):
         skipped = "; ".join(f"{la.name!r}: {la.reason}" for la in wanted if not la.mappable)
         if skipped:
             rank_zero_warn(f"PairImportanceMonitor: these layers cannot be mapped and are skipped ({skipped}).")
+        no_bias = [la.name for la in wanted if la.mappable and not la.has_bias]
+        if self.config.fidelity and no_bias:
+            rank_zero_warn(
+                f"PairImportanceMonitor: layers {no_bias} have no bias: they are mapped, but keep their weights in the "
+                "networks rebuilt for the fidelity (a SWIM neuron needs a bias)."
+            )
 
     # -- (end of the model to map) -----------------------------------------------------------------
-
-    def _layers(self, pl_module: pl.LightningModule) -> tuple[str, ...] | None:
-        if self.layer_patterns is None:
-            return None
-        assert self._x is not None
-        found = linear_layers(self._target(pl_module), self._x[:2], self.config.activations)
-        names = [layer.name for layer in found if layer.mappable]
-        chosen = tuple(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in self.layer_patterns))
-        if not chosen:
-            raise ValueError(f"`layers` {self.layer_patterns} match none of the nn.Linear layers {names}.")
-        return chosen
 
     # -- the run and its history folder ----------------------------------------------------------
 
@@ -486,7 +491,8 @@ class PairImportanceMonitor(Callback):
             return
         t0 = time.perf_counter()
         try:
-            config = dataclasses.replace(self.config, layers=self._layers(pl_module))
+            patterns = tuple(self.layer_patterns) if self.layer_patterns is not None else None
+            config = dataclasses.replace(self.config, layers=patterns)  # resolved on the map's one reading
             with self._progress(trainer) as progress:
                 record = analyse_network(
                     self._target(pl_module),

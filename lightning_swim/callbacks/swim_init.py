@@ -201,7 +201,7 @@ class SWIMInit(Callback):
                 f"SWIMInit: layers not sampled, they keep their weights ({items}).", UserWarning, stacklevel=2
             )
         fit_output = self.fit_output and y is not None
-        if fit_output and (why := reading.unwritable(output)) is not None:
+        if fit_output and (why := output.kind.problem(output.module) or reading.unwritable(output)) is not None:
             raise ValueError(f"Cannot solve the output layer {output.name!r}: {why}; pass fit_output=False to keep it.")
         generator = torch.Generator().manual_seed(self.seed)
         pairs: dict[str, tuple[Tensor, Tensor]] = {}
