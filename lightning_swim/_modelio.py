@@ -49,7 +49,7 @@ OutputKey = str | int | Callable[[Any], Tensor] | None
 PASSES_PER_READING = 1
 """Forward passes of the model on the probe set that :func:`read_model` makes."""
 PASSES_PER_REBUILD = 1
-"""Forward passes of :meth:`ModelReading.run` (and so of :meth:`ModelReading.rebuild`) without ``batch_size``."""
+"""Forward passes of :meth:`ModelReading.run` (so of :func:`lightning_swim.network.rebuild`) without ``batch_size``."""
 
 _OUTPUT_KEYS = ("logits", "output", "out", "y_hat", "preds", "prediction")
 

@@ -201,9 +201,11 @@ class TestModels:
             h = model[:5](x.double())
             z = model[5](h)
         i, j = pairs["5"]
-        m = torch.arange(8)
-        torch.testing.assert_close(z[i, m], torch.zeros(8, dtype=torch.float64), atol=1e-10, rtol=0)
-        torch.testing.assert_close(z[j, m], torch.ones(8, dtype=torch.float64), atol=1e-10, rtol=0)
+        m, silu = torch.arange(8), ACTIVATIONS["silu"]
+        torch.testing.assert_close(z[i, m], torch.full((8,), -silu.s2, dtype=torch.float64), atol=1e-10, rtol=0)
+        torch.testing.assert_close(
+            z[j, m], torch.full((8,), silu.s1 - silu.s2, dtype=torch.float64), atol=1e-10, rtol=0
+        )
 
     def test_smooth_relus_are_sampled(self):
         x, y = _regression_data(300, 0)
