@@ -405,7 +405,7 @@ class PairImportanceMonitor(Callback):
         names = [la.name for la in reading.layers]
         pats = self.layer_patterns
         wanted = [la for la in reading.hidden if pats is None or any(fnmatch.fnmatchcase(la.name, p) for p in pats)]
-        if pats is None and not any(la.mappable for la in wanted):  # (patterns that match nothing: `_layers` warns)
+        if pats is None and not any(la.mappable for la in wanted):  # (patterns matching nothing: each map warns)
             why = "; ".join(f"{la.name!r}: {la.reason}" for la in wanted) or f"it has only an output layer ({names})"
             raise MisconfigurationException(
                 f"PairImportanceMonitor cannot map any layer of {type(target).__name__}: {why}."
