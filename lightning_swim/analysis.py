@@ -4,13 +4,19 @@
 layer's own input space), computes per-point pair importance (soft by default), compares with the
 previous map (turnover up to near-ties, Jensen-Shannon divergence, top-k overlap), optionally
 transports each layer onto SWIM's distribution (:func:`~lightning_swim.transport_map`), and measures
-how faithfully the pairs rebuild the network (:func:`~lightning_swim.convert_network`), each number
+how faithfully the pairs rebuild the network (:func:`~lightning_swim.network.rebuild`), each number
 next to its reference: the same network rebuilt from random pairs, and the agreement of a constant
 predictor. Tensors in, a :class:`~lightning_swim.history.MapRecord` out, no Lightning, no logging.
+
+The model is read once per map (:func:`~lightning_swim._modelio.read_model`): the map, the turnover,
+the transport and every rebuilt network work from that reading, and a rebuilt network is evaluated by
+forward hooks in one forward pass, never by a copy of the model. A map costs
+:func:`forward_passes` forward passes of the model on the probe set.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import time
 import warnings
@@ -23,12 +29,13 @@ from torch import Tensor, nn
 
 from lightning_swim._checks import check_choice, check_positive_finite, check_positive_int
 from lightning_swim._modelio import (
+    PASSES_PER_READING,
+    PASSES_PER_REBUILD,
     ActivationSpec,
-    LinearLayer,
-    capture_inputs,
-    forward_outputs,
-    linear_layers,
-    require_activation,
+    LayerReading,
+    ModelReading,
+    OutputKey,
+    read_model,
 )
 from lightning_swim._search import BACKENDS
 from lightning_swim.history import MapRecord
@@ -43,12 +50,11 @@ from lightning_swim.importance import (
     topk_overlap,
     turnover,
 )
-from lightning_swim.metrics import fidelity
-from lightning_swim.network import convert_network, mapped_layers
+from lightning_swim.network import output_fidelity, rebuild
 from lightning_swim.pairmap import REFINE, PairMap, map_layer, pair_errors, random_map
 from lightning_swim.transport import transport_map
 
-__all__ = ["IMPORTANCE", "NEURON_WEIGHTS", "AnalysisConfig", "analyse_network", "neuron_weights_of"]
+__all__ = ["IMPORTANCE", "NEURON_WEIGHTS", "AnalysisConfig", "analyse_network", "forward_passes", "neuron_weights_of"]
 
 NEURON_WEIGHTS = ("contribution", "uniform")
 IMPORTANCE = ("soft", "argmin")
@@ -79,6 +85,7 @@ class AnalysisConfig:
     reach: float | None = None
     seed: int = 0
     dtype: torch.dtype | None = None
+    output_key: OutputKey = None
 
     def __post_init__(self) -> None:
         check_positive_int(self.top_k, "top_k")
@@ -121,24 +128,53 @@ class AnalysisConfig:
         }
 
 
-def neuron_weights_of(layers: list[LinearLayer], name: str, kind: str) -> Tensor | None:
+def neuron_weights_of(layers: list[LayerReading], name: str, kind: str) -> Tensor | None:
     """The weights :math:`\\omega` of layer ``name``'s neurons: None (uniform) or their contributions.
 
     The contribution uses the next dense layer in call order that reads this layer's outputs (its
-    ``in_features`` equals this layer's ``out_features``); without one, uniform.
+    input width equals this layer's number of neurons); without one, uniform. Weights are read with
+    any ``BatchNorm`` folded into the layer.
     """
     if kind == "uniform":
         return None
     names = [layer.name for layer in layers]
     k = names.index(name)
-    this = layers[k].module
+    this = layers[k].weight
     for nxt in layers[k + 1 :]:
-        if nxt.module.in_features == this.out_features:
+        following = nxt.weight
+        if following.shape[1] == this.shape[0]:
             act = layers[k].activation
-            return contribution_weights(
-                this.weight.detach(), nxt.module.weight.detach(), homogeneous=act is None or act.homogeneous
-            )
+            return contribution_weights(this, following, homogeneous=act is None or act.homogeneous)
     return None
+
+
+def forward_passes(n_layers: int, *, fidelity: bool = True) -> int:
+    """Forward passes of the model on the probe set that one :func:`analyse_network` makes.
+
+    One reading; with ``fidelity``, one rebuilt network per mapped layer and one with random pairs
+    per layer, and the whole network rebuilt (output layer kept, with more than one layer; and
+    refitted) from the pairs and from the random pairs. The probe goes forward at once.
+    """
+    rebuilt = 2 * n_layers + 2 * ((n_layers > 1) + 1) if fidelity else 0
+    return PASSES_PER_READING + rebuilt * PASSES_PER_REBUILD
+
+
+def _chosen(reading: ModelReading, layers: tuple[str, ...] | None) -> list[LayerReading]:
+    """The layers to map: every mappable hidden one, or the mappable ones among ``layers`` (names or
+    ``fnmatch`` patterns); the others are named by the monitor's note at fit start."""
+    if layers is None:
+        chosen = reading.select()
+        if not chosen and reading.hidden:
+            raise ValueError(f"No layer can be mapped: {reading.note()}")
+        return chosen
+    matched = [la for la in reading.layers if any(fnmatch.fnmatchcase(la.name, p) for p in layers)]
+    if not matched:
+        names = [la.name for la in reading.layers]
+        raise ValueError(f"`layers` {list(layers)} match none of the nn.Linear layers {names}.")
+    chosen = [la for la in matched if la.mappable]
+    if not chosen:
+        raise ValueError("Cannot map " + "; ".join(f"layer {la.name!r}: {la.reason}" for la in matched) + ".")
+    return chosen
 
 
 def _task(config: AnalysisConfig, y: Tensor | None, out: Tensor) -> str:
@@ -180,20 +216,17 @@ def analyse_network(
     say = progress or (lambda _stage: None)
     t0 = time.perf_counter()
     say("pair search")
-    layers = linear_layers(model, x[: min(len(x), 8)], config.activations)
-    chosen = mapped_layers(
-        model, x, layers=list(config.layers) if config.layers else None, activations=config.activations
-    )
+    reading = read_model(model, x, activations=config.activations, output_key=config.output_key)
+    chosen = _chosen(reading, config.layers)
     if not chosen:
         raise ValueError("The model has no hidden nn.Linear layer to map (only an output layer).")
-    inputs = capture_inputs(model, x, [layer.name for layer in chosen])
-    if config.dtype is not None:
-        inputs = {k: v.to(config.dtype) for k, v in inputs.items()}
+    inputs = {layer.name: reading.points(layer.name, config.dtype) for layer in chosen}
     maps: dict[str, PairMap] = {}
     randoms: dict[str, PairMap] = {}
     for k, layer in enumerate(chosen):
         weight, bias = _weight_bias(layer)
-        act = require_activation(layer)
+        act = layer.activation
+        assert act is not None
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_FLAG_WARNINGS, category=RuntimeWarning)
             try:
@@ -210,7 +243,7 @@ def analyse_network(
     extra: dict[str, dict[str, Tensor]] = {}
     for layer in chosen:
         name, pm = layer.name, maps[layer.name]
-        omega = neuron_weights_of(layers, name, config.neuron_weights)
+        omega = neuron_weights_of(reading.layers, name, config.neuron_weights)
         if omega is not None and float(omega[pm.valid.to(omega.device)].sum()) <= 0:
             omega = None  # every mapped neuron weighs nothing: fall back to uniform weights
         imp = pair_importance(pm, n, omega, soft=soft)
@@ -240,15 +273,14 @@ def analyse_network(
             scalars[f"{tag}/sinkhorn_divergence"], extra[name] = _transport(layer, inputs[name], y, config, omega)
     if config.fidelity:
         say("rebuilding the network from its pairs")
-        scalars.update(_fidelities(model, x, y, maps, randoms, config))
+        scalars.update(_fidelities(reading, y, maps, randoms, config))
     scalars["swim/map_seconds"] = time.perf_counter() - t0
     return MapRecord(step, epoch, maps, importance, scalars, extra)
 
 
-def _weight_bias(layer: LinearLayer) -> tuple[Tensor, Tensor]:
-    weight = layer.module.weight.detach()
-    bias = layer.module.bias.detach() if layer.module.bias is not None else torch.zeros_like(weight[:, 0])
-    return weight, bias
+def _weight_bias(layer: LayerReading) -> tuple[Tensor, Tensor]:
+    """The layer's weight and bias with any ``BatchNorm`` folded in (a missing bias is zeros)."""
+    return layer.parameters()
 
 
 def _median(t: Tensor) -> float:
@@ -280,35 +312,46 @@ def chance_fidelity(outputs: Tensor, task: str) -> float:
 
 
 def _fidelities(
-    model: nn.Module,
-    x: Tensor,
+    reading: ModelReading,
     y: Tensor | None,
     maps: dict[str, PairMap],
     randoms: dict[str, PairMap],
     config: AnalysisConfig,
 ) -> dict[str, float]:
-    """Fidelity of the network rebuilt from its pairs, per layer and whole, next to its references."""
-    out = forward_outputs(model, x)
+    """Fidelity of the network rebuilt from its pairs, per layer and whole, next to its references.
+
+    Every rebuilt network is one forward pass of the model with forward hooks (no copy). A layer
+    without a bias is mapped but not rebuilt (it keeps its weights); an output layer without one is
+    not refitted (``fidelity_refit`` is NaN).
+    """
+    out = reading.output
     task = _task(config, y, out)
     scalars = {"swim/network/fidelity_chance": chance_fidelity(out, task)}
     for name in maps:
         for suffix, source in (("", maps), ("_random_pairs", randoms)):
-            single = convert_network(model, {name: source[name]}, x, output="keep")
-            scalars[f"swim/{name}/fidelity{suffix}"] = fidelity(model, single, x, task=task)
+            single = rebuild(reading, {name: source[name]}).output
+            assert single is not None
+            scalars[f"swim/{name}/fidelity{suffix}"] = output_fidelity(out, single, task=task)
+    refit = reading.output_layer.has_bias
     for suffix, source in (("", maps), ("_random_pairs", randoms)):
         for mode in ("keep", "refit"):
             if mode == "keep" and len(source) == 1:
                 value = scalars[f"swim/{next(iter(source))}/fidelity{suffix}"]
+            elif mode == "refit" and not refit:
+                value = float("nan")
             else:
-                value = fidelity(model, convert_network(model, source, x, output=mode), x, task=task)
+                whole = rebuild(reading, source, output=mode).output
+                assert whole is not None
+                value = output_fidelity(out, whole, task=task)
             scalars[f"swim/network/fidelity_{mode}{suffix}"] = value
     return scalars
 
 
 def _transport(
-    layer: LinearLayer, h: Tensor, y: Tensor | None, config: AnalysisConfig, omega: Tensor | None
+    layer: LayerReading, h: Tensor, y: Tensor | None, config: AnalysisConfig, omega: Tensor | None
 ) -> tuple[float, dict[str, Tensor]]:
-    act = require_activation(layer)
+    act = layer.activation
+    assert act is not None
     weight, bias = _weight_bias(layer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_FLAG_WARNINGS, category=RuntimeWarning)

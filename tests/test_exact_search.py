@@ -15,7 +15,8 @@ from lightning_swim.activations import get_activation
 from lightning_swim.pairmap import pair_errors, random_map
 
 F64 = torch.float64
-SIGN_FREE = {"sigmoid"}  # the output factor may be negative; relu, leaky_relu, tanh: c >= 0
+# the output factor may be negative (no pair swap negates the neuron); relu, leaky_relu, tanh: c >= 0
+SIGN_FREE = {"sigmoid", "gelu", "gelu_tanh", "silu", "softplus"}
 
 
 def brute_force(weight, bias, x, name):

@@ -44,9 +44,16 @@ def _planted(widths: list[int], act: type[nn.Module], x: torch.Tensor, y: torch.
 class TestPlantedTruth:
     """A network built by SWIM maps back to exactly its own pairs and is rebuilt exactly."""
 
-    @pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh])
-    @pytest.mark.parametrize("widths", [[64, 48, 10], [64, 32, 32, 32, 10]])
-    @pytest.mark.parametrize("backend", ["torch", pytest.param("keops", marks=pytest.mark.keops)])
+    @pytest.mark.parametrize(
+        ("act", "widths", "backend"),
+        [
+            pytest.param(act, widths, backend, marks=[pytest.mark.keops] if backend == "keops" else [])
+            for act in (nn.ReLU, nn.Tanh)
+            for widths in ([64, 48, 10], [64, 32, 32, 32, 10])
+            for backend in ("torch", "keops")
+        ]
+        + [(nn.GELU, [64, 32, 32, 10], "torch"), (nn.SiLU, [64, 32, 32, 10], "torch")],
+    )
     def test_maps_back_to_its_pairs(self, act, widths, backend):
         xtr, ytr, xte, _ = digits(dtype=F64)
         x, y = xtr[:400], ytr[:400]
@@ -175,9 +182,38 @@ class TestNetworkPlumbing:
             convert_network(mlp([3, 7, 1], dtype=F64), maps, x)
 
     def test_unsupported_activation_is_named(self):
-        model = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 1))
-        with pytest.raises(ValueError, match="`gelu`"):
+        model = nn.Sequential(nn.Linear(3, 4), nn.Mish(), nn.Linear(4, 1))
+        with pytest.raises(ValueError, match=r"'0': its output goes to `mish`.*activations=\{'0': 'relu'\}"):
             map_network(model, torch.randn(10, 3))
+        with pytest.raises(ValueError, match=r"Cannot map layer '0'"):
+            map_network(model, torch.randn(10, 3), layers=["0"])
+
+    def test_unmappable_layers_are_skipped_with_one_note(self):
+        """Issue 13.4: a LayerNorm before one activation and a residual branch skip only those layers."""
+
+        class Net(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.a, self.b, self.c = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+                self.ln, self.d, self.head = nn.LayerNorm(8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                h = nn.functional.gelu(self.a(x))
+                h = h + self.c(torch.tanh(self.b(h)))  # a residual block: b is mapped, c ends the branch
+                h = torch.relu(self.ln(self.d(h)))
+                return self.head(h)
+
+        x = torch.randn(60, 3, dtype=F64)
+        model = Net().double()
+        with pytest.warns(
+            UserWarning, match=r"2 of 4 hidden layer\(s\) cannot be mapped.*'c'.*'d'.*the other 2"
+        ) as rec:
+            maps = map_network(model, x, backend="torch", top_k=4)
+        assert len(rec) == 1
+        assert list(maps) == ["a", "b"] and maps["a"].activation == "gelu"
+        keep = convert_network(model, maps, x)
+        assert fidelity(model, keep, x) >= 0  # the rebuilt network runs, the skipped layers as they were
+        assert torch.equal(keep.d.weight, model.d.weight) and torch.equal(keep.c.weight, model.c.weight)
 
     def test_analysis_needs_a_hidden_layer(self):
         from lightning_swim import analyse_network

@@ -58,6 +58,11 @@ class TestSwimNeurons:
             "leaky_relu": (0.0, 1.0),
             "tanh": (-0.5, 0.5),
             "sigmoid": (0.25, 0.75),
+            # smooth ReLUs: the half-maximum points of the curvature, -z* and +z* (docs/maths.md)
+            "gelu": (-0.16960306826741003, 0.6240253811286611),
+            "gelu_tanh": (-0.1696958993442766, 0.6232928117910582),
+            "silu": (-0.2771376765611943, 0.8935482693684861),
+            "softplus": (0.15834718382037496, 1.9210943578594608),
         }[name]
         torch.testing.assert_close(a, torch.tensor(expected, dtype=torch.float64), atol=1e-12, rtol=0)
 
@@ -67,8 +72,8 @@ class TestSwimNeurons:
         torch.testing.assert_close(b, torch.tensor([-0.5]))
 
     def test_unknown_activation_lists_valid_names(self):
-        with pytest.raises(ValueError, match=r"Invalid activation 'gelu'.*\['leaky_relu', 'relu', 'sigmoid', 'tanh'\]"):
-            swim_neurons(torch.zeros(1, 2), torch.ones(1, 2), "gelu")
+        with pytest.raises(ValueError, match=r"Invalid activation 'mish'.*\['gelu', 'gelu_tanh', 'leaky_relu', 'relu'"):
+            swim_neurons(torch.zeros(1, 2), torch.ones(1, 2), "mish")
 
     def test_coincident_pair_is_an_error(self):
         x = torch.tensor([[0.0, 1.0], [2.0, 2.0]])

@@ -16,6 +16,7 @@ from torch import nn
 from lightning_swim import SWIMInit
 from lightning_swim._data import probe_from_dataloader
 from lightning_swim._datasets import digits
+from lightning_swim.activations import ACTIVATIONS
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -144,13 +145,13 @@ class _Functional(nn.Module):
         return self.out(torch.tanh(self.fc2(F.relu(self.fc1(x)))))
 
 
-class _Gelu(nn.Module):
+class _Mish(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.fc1, self.out = nn.Linear(3, 16), nn.Linear(16, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(F.gelu(self.fc1(x)))
+        return self.out(F.mish(self.fc1(x)))
 
 
 class TestModels:
@@ -169,14 +170,54 @@ class TestModels:
 
     def test_undetectable_activation_says_how_to_fix_it(self):
         x, y = _regression_data(50, 0)
-        with pytest.raises(ValueError, match=r"'fc1'.*`gelu`.*activations=\{'fc1': 'relu'\}"):
-            SWIMInit().apply(_Gelu(), x, y)
+        with pytest.raises(ValueError, match=r"'fc1'.*`mish`.*activations=\{'fc1': 'relu'\}"):
+            SWIMInit().apply(_Mish(), x, y)
 
     def test_explicit_activation_overrides(self):
         x, y = _regression_data(50, 0)
-        model = _Gelu()
+        model = _Mish()
         pairs = SWIMInit(activations={"fc1": "relu"}).apply(model, x, y)
         assert set(pairs) == {"fc1"}
+
+    def test_unmappable_layers_keep_their_weights_and_the_others_are_sampled(self):
+        """Issue 13.4: a LayerNorm before one activation skips that layer only, with one warning."""
+        x, y = _regression_data(200, 0)
+        model = nn.Sequential(
+            nn.Linear(3, 16),
+            nn.GELU(),
+            nn.Linear(16, 16),
+            nn.LayerNorm(16),
+            nn.ReLU(),
+            nn.Linear(16, 8),
+            nn.SiLU(),
+            nn.Linear(8, 1),
+        ).double()
+        before = model[2].weight.detach().clone()
+        with pytest.warns(UserWarning, match=r"layers not sampled.*'2': a layer_norm"):
+            pairs = SWIMInit(seed=0).apply(model, x.double(), y.double())
+        assert list(pairs) == ["0", "5"]
+        assert torch.equal(model[2].weight, before)
+        with torch.no_grad():  # layer 5 is sampled in the input space of the network as it is (layer 2 unchanged)
+            h = model[:5](x.double())
+            z = model[5](h)
+        i, j = pairs["5"]
+        m, silu = torch.arange(8), ACTIVATIONS["silu"]
+        torch.testing.assert_close(z[i, m], torch.full((8,), -silu.s2, dtype=torch.float64), atol=1e-10, rtol=0)
+        torch.testing.assert_close(
+            z[j, m], torch.full((8,), silu.s1 - silu.s2, dtype=torch.float64), atol=1e-10, rtol=0
+        )
+
+    def test_smooth_relus_are_sampled(self):
+        x, y = _regression_data(300, 0)
+        for act, name in ((nn.GELU, "gelu"), (nn.SiLU, "silu")):
+            model = mlp([3, 16, 1], act, seed=0)
+            pairs = SWIMInit(seed=0).apply(model, x, y)
+            i, j = pairs["0"]
+            with torch.no_grad():
+                z = model[0](x)
+            s1, s2 = ACTIVATIONS[name].s1, ACTIVATIONS[name].s2
+            torch.testing.assert_close(z[i, torch.arange(16)], torch.full((16,), -s2), atol=1e-5, rtol=0)
+            torch.testing.assert_close(z[j, torch.arange(16)], torch.full((16,), s1 - s2), atol=1e-5, rtol=0)
 
     def test_lightning_module_holding_a_sequential(self):
         xtr, ytr, xte, yte = digits()

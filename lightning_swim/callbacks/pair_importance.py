@@ -18,6 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -27,8 +28,9 @@ from typing_extensions import override
 
 from lightning_swim._checks import check_positive_int, split_probe
 from lightning_swim._data import draw_probe
-from lightning_swim._modelio import ActivationSpec, linear_layers
+from lightning_swim._modelio import ActivationSpec, linear_layers, read_model
 from lightning_swim.analysis import AnalysisConfig, analyse_network, neuron_weights_of
+from lightning_swim.callbacks.swim_init import module_hint
 from lightning_swim.history import MapRecord, ProbeSet, new_run_id, save_map, start_run_folder
 
 __all__ = ["PairImportanceMonitor"]
@@ -140,7 +142,16 @@ class PairImportanceMonitor(Callback):
             TensorBoardLogger, else the trainer's), or the next free ``swim_maps-v<k>`` if that folder
             holds another run's history; the folder in use is ``monitor.history_dir``.
         history_dir: where to write instead (the same rule: ``<history_dir>-v<k>`` if taken).
-        dtype: compute the maps in this dtype (default: the model's).
+        dtype: compute the maps in this dtype (default: the model's; float32 for half precision).
+        module: the qualified name of the submodule to map, e.g. ``"net"`` for a LightningModule without
+            ``forward`` whose ``training_step`` calls ``self.net(x)``; layer names are then relative to
+            it. Default: the LightningModule itself. At fit start the monitor reads the model on the
+            probe set once and raises, with the fix, if no map can run; hidden layers that cannot be
+            mapped (a ``LayerNorm`` before the activation, an activation SWIM does not know) are
+            named in one warning and skipped, the others mapped.
+        output_key: selects the output tensor the fidelity compares when the model returns several: a
+            dict key, a tuple index or a callable; by default the output itself, the first element of
+            a tuple, or the ``"logits"`` entry of a dict.
 
     Example::
 
@@ -181,7 +192,12 @@ class PairImportanceMonitor(Callback):
         save_history: bool = True,
         history_dir: str | os.PathLike[str] | None = None,
         dtype: torch.dtype | None = None,
+        module: str | None = None,
+        output_key: str | int | Callable[[Any], Tensor] | None = None,
     ) -> None:
+        if module is not None and not isinstance(module, str):  # (issue 11.15) the submodule to map
+            raise ValueError(f"Expected argument `module` to be a submodule's name but got {module!r}.")
+        self.module = module
         if every_n_train_steps is not None and every_n_epochs is not None:
             raise ValueError(
                 f"`every_n_train_steps` and `every_n_epochs` are mutually exclusive; got {every_n_train_steps} and "
@@ -220,6 +236,7 @@ class PairImportanceMonitor(Callback):
             reach=reach,
             seed=seed,
             dtype=dtype,
+            output_key=output_key,
         )
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs
@@ -295,6 +312,7 @@ class PairImportanceMonitor(Callback):
             except Exception as err:  # the monitor never stops training
                 self._warn_once(err, "could not draw a probe set; no map will be made")
                 return
+        self._check_model(pl_module)  # (issue 11.15) a map that cannot run is a configuration error
         self._start_history(trainer)
         if not self._steps:  # a resumed run continues its history: no extra map at its start
             self._run(trainer, pl_module, "start")
@@ -351,15 +369,59 @@ class PairImportanceMonitor(Callback):
         drawn = draw_probe(loader, self.probe_size, torch.Generator().manual_seed(self.seed))
         self._x, self._y, self._index, self._index_source = drawn.x, drawn.y, drawn.index, drawn.source
 
-    def _layers(self, pl_module: pl.LightningModule) -> tuple[str, ...] | None:
-        if self.layer_patterns is None:
-            return None
-        assert self._x is not None
-        names = [layer.name for layer in linear_layers(pl_module, self._x[:2], self.config.activations)]
-        chosen = tuple(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in self.layer_patterns))
-        if not chosen:
-            raise ValueError(f"`layers` {self.layer_patterns} match none of the nn.Linear layers {names}.")
-        return chosen
+    # -- the model to map (issues 11.15, 13.4) ------------------------------------------------------
+
+    def _target(self, pl_module: pl.LightningModule) -> torch.nn.Module:
+        if self.module is None:
+            return pl_module
+        try:
+            return pl_module.get_submodule(self.module)
+        except AttributeError as err:
+            children = [n for n, _ in pl_module.named_children()]
+            raise MisconfigurationException(
+                f"PairImportanceMonitor: `module={self.module!r}` names no submodule of {type(pl_module).__name__}; "
+                f"its submodules are {children}."
+            ) from err
+
+    def _check_model(self, pl_module: pl.LightningModule) -> None:
+        """Read the model on a few probe rows: raise, with the fix, if no map can run; name skipped layers once."""
+        if self._x is None:
+            return
+        target = self._target(pl_module)
+        try:
+            reading = read_model(
+                target,
+                self._x[: min(len(self._x), 8)],
+                activations=self.config.activations,
+                output_key=self.config.output_key,
+            )
+            if self.config.fidelity:
+                _ = reading.output  # the output tensor can be found
+        except Exception as err:
+            hint = "" if self.module is not None else " " + module_hint(target, "PairImportanceMonitor")
+            raise MisconfigurationException(
+                f"PairImportanceMonitor cannot map {type(target).__name__}: {type(err).__name__}: {err}{hint}"
+            ) from err
+        names = [la.name for la in reading.layers]
+        pats = self.layer_patterns
+        wanted = [la for la in reading.hidden if pats is None or any(fnmatch.fnmatchcase(la.name, p) for p in pats)]
+        if pats is None and not any(la.mappable for la in wanted):  # (patterns matching nothing: each map warns)
+            why = "; ".join(f"{la.name!r}: {la.reason}" for la in wanted) or f"it has only an output layer ({names})"
+            raise MisconfigurationException(
+                f"PairImportanceMonitor cannot map any layer of {type(target).__name__}: {why}."
+                + ("" if self.module is not None else " " + module_hint(target, "PairImportanceMonitor"))
+            )
+        skipped = "; ".join(f"{la.name!r}: {la.reason}" for la in wanted if not la.mappable)
+        if skipped:
+            rank_zero_warn(f"PairImportanceMonitor: these layers cannot be mapped and are skipped ({skipped}).")
+        no_bias = [la.name for la in wanted if la.mappable and not la.has_bias]
+        if self.config.fidelity and no_bias:
+            rank_zero_warn(
+                f"PairImportanceMonitor: layers {no_bias} have no bias: they are mapped, but keep their weights in the "
+                "networks rebuilt for the fidelity (a SWIM neuron needs a bias)."
+            )
+
+    # -- (end of the model to map) -----------------------------------------------------------------
 
     # -- the run and its history folder ----------------------------------------------------------
 
@@ -429,10 +491,11 @@ class PairImportanceMonitor(Callback):
             return
         t0 = time.perf_counter()
         try:
-            config = dataclasses.replace(self.config, layers=self._layers(pl_module))
+            patterns = tuple(self.layer_patterns) if self.layer_patterns is not None else None
+            config = dataclasses.replace(self.config, layers=patterns)  # resolved on the map's one reading
             with self._progress(trainer) as progress:
                 record = analyse_network(
-                    pl_module,
+                    self._target(pl_module),
                     self._x,
                     self._y,
                     config=config,
@@ -541,7 +604,7 @@ class PairImportanceMonitor(Callback):
         assert self._x is not None
         x = self._x
         shape = self.image_shape or plotting.guess_image_shape(tuple(x.shape[1:]))
-        layers = linear_layers(pl_module, x[:2], self.config.activations)
+        layers = linear_layers(self._target(pl_module), x[:2], self.config.activations)
         k = self.config.topk_points
         for name, pm in record.maps.items():
             imp = record.importance[name]

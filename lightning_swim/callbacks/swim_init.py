@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -13,14 +16,13 @@ from lightning_swim._checks import check_choice, check_positive_int, check_probe
 from lightning_swim._data import probe_from_dataloader
 from lightning_swim._modelio import (
     ActivationSpec,
-    LinearLayer,
-    capture_inputs,
-    linear_layers,
-    preserved,
-    require_activation,
+    LayerReading,
+    Replacement,
+    compute_dtype,
+    read_model,
+    submodules_with_layers,
 )
 from lightning_swim._solve import ridge_lstsq
-from lightning_swim.activations import Activation
 from lightning_swim.sampling import TASKS, sample_pairs, swim_neurons
 
 __all__ = ["SWIMInit"]
@@ -42,6 +44,30 @@ def output_targets(y: Tensor, out_features: int) -> Tensor:
     if t.shape[1] != out_features:
         raise ValueError(f"Expected targets with {out_features} column(s), one per output unit, but got {t.shape[1]}.")
     return t
+
+
+def _output_solver(output: LayerReading, y: Tensor, ridge: float) -> Callable[[Tensor], Replacement]:
+    """The output layer solved by ridge least squares to the targets, from its input in the sampled network."""
+
+    def derive(h: Tensor) -> Replacement:
+        h = h.to(compute_dtype(h.dtype))
+        w0 = output.parameters()[0]
+        t = output_targets(y.to(h.device), w0.shape[0])
+        w, b = ridge_lstsq(h, t, ridge)
+        return Replacement(w, b, torch.ones(w.shape[0], dtype=torch.bool, device=w.device))
+
+    return derive
+
+
+def module_hint(model: nn.Module, callback: str) -> str:
+    """How to name the module to map when ``model``'s own forward does not take the data."""
+    names = submodules_with_layers(model)
+    example = names[0] if names else "net"
+    return (
+        f"If the forward of {type(model).__name__} does not take the data (e.g. a LightningModule without `forward` "
+        f"whose `training_step` calls `self.{example}(x)`), name the module that does: `{callback}(module={example!r})`"
+        + (f" (submodules with nn.Linear layers: {names})." if names else ".")
+    )
 
 
 class SWIMInit(Callback):
@@ -75,6 +101,9 @@ class SWIMInit(Callback):
         probe_size: examples drawn from the train data when used as a callback.
         seed: seed of the generator used for the probe set and every pair draw.
         batch_size: forward the probe set in batches of this size (default: all at once).
+        module: the qualified name of the submodule to initialise, e.g. ``"net"`` for a LightningModule
+            without ``forward`` whose ``training_step`` calls ``self.net(x)``; layer names are then
+            relative to it. Default: the model itself.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
@@ -96,6 +125,7 @@ class SWIMInit(Callback):
         probe_size: int = 1000,
         seed: int = 0,
         batch_size: int | None = None,
+        module: str | None = None,
     ) -> None:
         if task is not None:
             check_choice(task, "task", TASKS)
@@ -106,6 +136,8 @@ class SWIMInit(Callback):
         check_positive_int(batch_size, "batch_size", allow_none=True)
         if not isinstance(seed, int):
             raise ValueError(f"Expected argument `seed` to be an int but got {seed!r}.")
+        if module is not None and not isinstance(module, str):
+            raise ValueError(f"Expected argument `module` to be a submodule's name but got {module!r}.")
         self.task = task
         self.activations = activations
         self.layers = list(layers) if layers is not None else None
@@ -115,17 +147,26 @@ class SWIMInit(Callback):
         self.probe_size = probe_size
         self.seed = seed
         self.batch_size = batch_size
+        self.module = module
 
     def apply(self, model: nn.Module, x: Tensor, y: Tensor | None = None) -> dict[str, tuple[Tensor, Tensor]]:
         """Sample the hidden layers of ``model`` from pairs of ``x`` (and solve its output layer).
 
+        The model is read once (:func:`~lightning_swim._modelio.read_model`), then one more forward
+        pass samples every layer in call order from its input in the network sampled so far (forward
+        hooks) and the new weights are written at the end, through an eval-mode ``BatchNorm`` folded
+        into a layer and through ``weight_norm``. Hidden layers that cannot be sampled (no activation
+        SWIM knows, a ``LayerNorm`` before it, no bias, ``spectral_norm``) keep their weights, with one
+        warning that names them; naming one in ``layers`` is an error.
+
         Args:
-            model: a module whose forward takes ``x``.
+            model: a module whose forward takes ``x`` (with ``module``, the LightningModule holding it).
             x: the data, ``[N, ...]``.
             y: targets ``[N]`` (labels or values) or ``[N, k]``; optional.
 
         Returns:
-            Layer name -> ``(idx_from, idx_to)``: the indices into ``x`` of each neuron's pair.
+            Layer name -> ``(idx_from, idx_to)``: the indices into ``x`` of each neuron's pair, for the
+            layers it sampled and wrote (and only those).
         """
         x = check_probe(x)
         if y is not None:
@@ -133,66 +174,81 @@ class SWIMInit(Callback):
         task = self.task or ("uniform" if y is None else ("regression" if y.is_floating_point() else "classification"))
         if task != "uniform" and y is None:
             raise ValueError(f"`task={task!r}` needs targets `y`; pass them or use task='uniform'.")
-        layers = linear_layers(model, x[: min(len(x), 8)], self.activations)
-        hidden, output = layers[:-1], layers[-1]
-        if self.layers is not None:
-            known = {layer.name for layer in hidden}
-            unknown = sorted(set(self.layers) - known)
-            if unknown:
-                raise ValueError(
-                    f"`layers` names {unknown}, which are not hidden nn.Linear layers; they are {sorted(known)}."
-                )
-            hidden = [layer for layer in hidden if layer.name in self.layers]
-        acts = {layer.name: require_activation(layer) for layer in hidden}
+        target = self._target(model)
+        try:
+            reading = read_model(target, x, activations=self.activations, batch_size=self.batch_size, capture=False)
+        except (RuntimeError, ValueError) as err:
+            if self.module is not None:
+                raise
+            raise type(err)(f"SWIMInit cannot read the model: {err} {module_hint(target, 'SWIMInit')}") from err
+        hidden = reading.select(self.layers, hidden_only=True)
+        skipped = {} if self.layers is not None else reading.skipped()
+        output = reading.output_layer
+        chosen = []
         for layer in hidden:
-            if layer.module.bias is None:
-                raise ValueError(f"Layer {layer.name!r} has no bias; a SWIM neuron needs one.")
+            why = reading.unwritable(layer)
+            if why is None:
+                chosen.append(layer)
+            elif self.layers is not None:
+                raise ValueError(f"Cannot sample layer {layer.name!r}: {why}.")
+            else:
+                skipped[layer.name] = why
+        if skipped:
+            items = "; ".join(f"{name!r}: {why}" for name, why in skipped.items())
+            if not chosen:
+                raise ValueError(f"SWIMInit cannot sample any hidden layer of {type(target).__name__}: {items}.")
+            warnings.warn(
+                f"SWIMInit: layers not sampled, they keep their weights ({items}).", UserWarning, stacklevel=2
+            )
         fit_output = self.fit_output and y is not None
-        if fit_output and output.module.bias is None:
-            raise ValueError(f"Output layer {output.name!r} has no bias; pass fit_output=False to keep it.")
-        touched = [layer.module for layer in hidden] + ([output.module] if fit_output else [])
-        backup = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in touched]
+        if fit_output and (why := output.kind.problem(output.module) or reading.unwritable(output)) is not None:
+            raise ValueError(f"Cannot solve the output layer {output.name!r}: {why}; pass fit_output=False to keep it.")
         generator = torch.Generator().manual_seed(self.seed)
         pairs: dict[str, tuple[Tensor, Tensor]] = {}
-        try:
-            with preserved(model):
-                for layer in hidden:
-                    pairs[layer.name] = self._sample_layer(model, layer, acts[layer.name], x, y, task, generator)
-                if fit_output:
-                    assert y is not None
-                    h = capture_inputs(model, x, [output.name], batch_size=self.batch_size)[output.name]
-                    t = output_targets(y.to(h.device), output.module.out_features)
-                    w, b = ridge_lstsq(h, t, self.ridge)
-                    output.module.weight.copy_(w)
-                    output.module.bias.copy_(b)
-        except BaseException:
-            with torch.no_grad():  # leave the model as it was found
-                for m, state in zip(touched, backup, strict=True):
-                    m.load_state_dict(state)
-            raise
+        derive = {layer.name: self._sampler(layer, y, task, generator, pairs) for layer in chosen}
+        if fit_output:
+            assert y is not None
+            derive[output.name] = _output_solver(output, y, self.ridge)
+        replacements, _ = reading.run(derive, batch_size=self.batch_size, keep_output=False)
+        reading.write(replacements)  # all or nothing
         return pairs
 
-    def _sample_layer(
+    def _target(self, model: nn.Module) -> nn.Module:
+        if self.module is None:
+            return model
+        try:
+            return model.get_submodule(self.module)
+        except AttributeError as err:
+            children = [n for n, _ in model.named_children()]
+            raise ValueError(
+                f"Expected argument `module` to name a submodule of {type(model).__name__} but got {self.module!r}; "
+                f"its submodules are {children}."
+            ) from err
+
+    def _sampler(
         self,
-        model: nn.Module,
-        layer: LinearLayer,
-        act: Activation,
-        x: Tensor,
+        layer: LayerReading,
         y: Tensor | None,
         task: str,
         generator: torch.Generator,
-    ) -> tuple[Tensor, Tensor]:
-        h = capture_inputs(model, x, [layer.name], batch_size=self.batch_size)[layer.name]
-        width = layer.module.out_features
-        n_cand = h.shape[0] * max(1, -(-width // h.shape[0])) * self.candidates_per_point
-        try:
-            i, j = sample_pairs(h, y, width, task=task, candidates=n_cand, generator=generator)
-        except ValueError as err:
-            raise ValueError(f"Layer {layer.name!r}: {err}") from err
-        w, b = swim_neurons(h[i], h[j], act)
-        layer.module.weight.copy_(w)
-        layer.module.bias.copy_(b)
-        return i, j
+        pairs: dict[str, tuple[Tensor, Tensor]],
+    ) -> Callable[[Tensor], Replacement]:
+        act = layer.activation
+        assert act is not None
+
+        def derive(h: Tensor) -> Replacement:
+            h = h.to(compute_dtype(h.dtype))
+            width = layer.parameters()[0].shape[0]
+            n_cand = h.shape[0] * max(1, -(-width // h.shape[0])) * self.candidates_per_point
+            try:
+                i, j = sample_pairs(h, y, width, task=task, candidates=n_cand, generator=generator)
+            except ValueError as err:
+                raise ValueError(f"Layer {layer.name!r}: {err}") from err
+            w, b = swim_neurons(h[i], h[j], act)
+            pairs[layer.name] = (i, j)
+            return Replacement(w, b, torch.ones(width, dtype=torch.bool, device=w.device))
+
+        return derive
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
