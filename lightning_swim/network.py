@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_swim._checks import check_choice, check_probe
+from lightning_swim._checks import check_choice, check_pairmap, check_probe
 from lightning_swim._modelio import (
     ActivationSpec,
     LayerReading,
@@ -159,8 +159,7 @@ def _check_map(reading: ModelReading, name: str, pm: PairMap) -> LayerReading:
     if len(pm) != w.shape[0]:
         raise ValueError(f"The map of layer {name!r} has {len(pm)} neurons but the layer has {w.shape[0]}.")
     n = layer.input.shape[0] if layer.input is not None else reading.n
-    if bool((pm.idx_from >= n).any() | (pm.idx_to >= n).any()):
-        raise ValueError(f"The map of layer {name!r} indexes points beyond the {n} rows of `x`.")
+    check_pairmap(pm, n, name=f"maps[{name!r}]")
     return layer
 
 

@@ -174,7 +174,7 @@ class TestNetworkPlumbing:
         model = mlp([3, 5, 1], dtype=F64)
         x = torch.randn(20, 3, dtype=F64)
         maps = map_network(model, x, backend="torch", top_k=2)
-        with pytest.raises(ValueError, match="beyond the 10 rows"):
+        with pytest.raises(ValueError, match="probe set has 10 points"):
             convert_network(model, maps, x[:10])
         with pytest.raises(ValueError, match="not nn.Linear layers"):
             convert_network(model, {"nope": maps["0"]}, x)
