@@ -252,7 +252,7 @@ def _check_data(x: Tensor, y: Tensor, name: str) -> None:
 def _stack(models: list[nn.Module]) -> tuple[nn.Module, dict[str, Tensor], dict[str, Tensor]]:
     from torch.func import stack_module_state
 
-    params, buffers = stack_module_state(models)  # type: ignore[arg-type]
+    params, buffers = stack_module_state(models)
     base = copy.deepcopy(models[0]).to("meta")
     return base, {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}, buffers
 
@@ -271,7 +271,7 @@ def _ensemble_forward(base: nn.Module) -> Callable[[dict[str, Tensor], dict[str,
     def one(p: dict[str, Tensor], b: dict[str, Tensor], xb: Tensor) -> Tensor:
         return functional_call(base, (p, b), (xb,))
 
-    return vmap(one)  # type: ignore[no-any-return]
+    return vmap(one)
 
 
 def _train_chunk(
@@ -689,15 +689,15 @@ class Evaluation:
                 lines.append(f"{'':<26} {name:<{width}} {acc:7.2f} {float(d.mean()):+7.2f} {std:6.2f} {wins}  {per}")
         if self.stability:
             lines += ["", "Seed stability (score from networks of different seeds; random: ρ ≈ 0, overlap ≈ 0.10):"]
-            for name, (rho, ov) in self.stability.items():
-                lines.append(f"  {name:<{width}} Spearman ρ {rho:+.2f}   top-10% overlap {ov:.2f}")
+            for name, (srho, ov) in self.stability.items():
+                lines.append(f"  {name:<{width}} Spearman ρ {srho:+.2f}   top-10% overlap {ov:.2f}")
         if self.correlations is not None:
-            names, rho = self.correlations
+            names, corr = self.correlations
             lines += ["", "Spearman ρ between scores (mean over seeds; 0 = unrelated):"]
             short = [n[:9] for n in names]
             lines.append(" " * (width + 2) + " ".join(f"{n:>9}" for n in short))
             for i, n in enumerate(names):
-                lines.append(f"  {n:<{width}}" + " ".join(f"{float(rho[i, j]):+9.2f}" for j in range(len(names))))
+                lines.append(f"  {n:<{width}}" + " ".join(f"{float(corr[i, j]):+9.2f}" for j in range(len(names))))
         return "\n".join(lines)
 
 

@@ -279,21 +279,38 @@ class TracInAccumulator:
         self.n_checkpoints = 0
         self.last: Tensor | None = None  # the last checkpoint's squared gradient norms (learning-rate weighted)
 
-    def update(self, model: nn.Module, optimizer: torch.optim.Optimizer | float) -> Tensor:
-        """Add the checkpoint ``model``; the learning rates come from ``optimizer``'s parameter groups.
+    def update(
+        self,
+        model: nn.Module,
+        lr: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | Mapping[str, float] | float,
+    ) -> Tensor:
+        """Add the checkpoint ``model`` with its learning rates.
+
+        Args:
+            model: the network at this checkpoint.
+            lr: an optimizer (or several: Lightning's ``trainer.optimizers``) whose parameter groups give
+                each parameter's learning rate, a mapping parameter name -> learning rate, or one number.
 
         Returns:
             This checkpoint's term, ``[N]``.
         """
-        if isinstance(optimizer, torch.optim.Optimizer):
-            lrs = learning_rates(model, optimizer)
+        if isinstance(lr, torch.optim.Optimizer):
+            lr = [lr]
+        if isinstance(lr, Sequence):
+            lrs: dict[str, float] = {}
+            for opt in lr:
+                lrs.update(learning_rates(model, opt))
             if not lrs:
-                raise ValueError("The optimizer updates none of the model's trainable parameters.")
+                raise ValueError("The optimizer(s) update none of the model's trainable parameters.")
+            lr = lrs
+        if isinstance(lr, Mapping):
             term = per_sample_grad_norms(
-                model, self.x, self.y, loss_fn=self.loss_fn, param_weights=lrs, batch_size=self.batch_size
+                model, self.x, self.y, loss_fn=self.loss_fn, param_weights=lr, batch_size=self.batch_size
             )
         else:
-            term = float(optimizer) * per_sample_grad_norms(
+            if not float(lr) >= 0:
+                raise ValueError(f"Expected a non-negative learning rate but got {lr!r}.")
+            term = float(lr) * per_sample_grad_norms(
                 model, self.x, self.y, loss_fn=self.loss_fn, batch_size=self.batch_size
             )
         self.scores = self.scores + term
