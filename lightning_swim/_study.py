@@ -44,6 +44,7 @@ SCORES: dict[str, str] = {
     "pair_loss_abl": "pair importance, neuron weights = training-loss rise when the neuron is removed",
     "anchor_ablation": "training-loss rise of the pair-rebuilt network (output refit) without a point's neurons",
     "pair_loo": "leave-one-out error of a least-squares output layer on the pair-rebuilt features",
+    "trained_loo": "control: the same leave-one-out error on the trained network's own features (no pairs)",
     "anchor_oracle": "bound: EL2N order restricted to the points that anchor a neuron (others 0)",
     "el2n": "EL2N (Paul et al. 2021), mean over checkpoints early in training",
     "tracin": "TracIn self-influence (Pruthi et al. 2020), checkpoints over the whole run",
@@ -156,6 +157,8 @@ def compute_scores(
                 value = anchor_ablation_scores(model, x, y, maps=maps)
             elif name == "pair_loo":
                 value = leave_one_out_scores(model, x, y, maps=maps)
+            elif name == "trained_loo":
+                value = leave_one_out_scores(model, x, y, rebuild=False)
             elif name == "anchor_oracle":
                 assert maps is not None and el2n is not None
                 anchored = torch.zeros(x.shape[0], dtype=torch.bool)
@@ -174,7 +177,7 @@ def compute_scores(
                 gen = torch.Generator().manual_seed(derive_seed(seed, 99))
                 value = torch.rand(x.shape[0], generator=gen, dtype=torch.float64)
             out[name].append(value)
-            if name not in ("el2n", "anchor_oracle", "random"):
+            if name not in ("el2n", "anchor_oracle", "random", "trained_loo"):
                 add(name, t)
     return {k: torch.stack(v) for k, v in out.items()}, seconds
 

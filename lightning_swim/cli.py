@@ -44,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--scores", nargs="+", default=None, help="which built-in scores (default: all available)")
     ev.add_argument("--full", action="store_true", help="the benchmark's settings (5 seeds, 7 shares; ~10+ min)")
     ev.add_argument("--json", default=None, help="also write the table's rows to this JSON file")
+    ev.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default: 1; the small batched products gain little from a second thread and, with "
+        "other processes on the cores, lost 5-15x with two threads where this was measured)",
+    )
     args = parser.parse_args(argv)
     if args.command == "evaluate":
         return _evaluate(args)
@@ -65,8 +72,13 @@ def main(argv: list[str] | None = None) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
+    import torch
+
     from lightning_swim._study import SCORES, StudyConfig, run_study
 
+    if args.threads < 1:
+        raise SystemExit(f"`--threads` must be >= 1, got {args.threads}.")
+    torch.set_num_threads(args.threads)
     if args.full:
         config = StudyConfig()
     else:

@@ -295,3 +295,22 @@ class TestCorrelations:
         names, rho = score_correlations({"a": a, "b": -a, "c": torch.stack([a, a])})
         assert names == ["a", "b", "c"]
         torch.testing.assert_close(rho, torch.tensor([[1.0, -1, 1], [-1, 1, -1], [1, -1, 1]], dtype=torch.float64))
+
+
+def test_the_evaluate_command_prints_the_table(capsys, tmp_path):
+    import json
+
+    from lightning_swim.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        argv = ["evaluate", "--seeds", "2", "--epochs", "2", "--remove", "0.1", "--keep", "0.3", "--global-only"]
+        main([*argv, "--scores", "pair_loo", "el2n", "random", "--json", str(tmp_path / "rows.json")])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "Running: digits" in out and "seeds [0, 1]" in out
+    for text in ("remove top 10%", "keep top 30%", "(random subset)", "pair_loo", "el2n", "Seed stability"):
+        assert text in out
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert len(rows) == 2 * 3 and {r["score"] for r in rows} == {"pair_loo", "el2n", "random"}
