@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from lightning_swim._study import SCORES, StudyConfig, run_study, soft_available
+from lightning_swim._study import SCORES, StudyConfig, run_study
 
 
 def main() -> None:
@@ -45,8 +45,6 @@ def main() -> None:
     print("Scores:")
     for name in evaluation.scores:
         print(f"  {name:<16} {SCORES[name]}")
-    if not soft_available():
-        print("  (pair_soft: not in this version; it needs the soft pair_importance)")
     print("Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     print(f"Total {time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} torch thread(s).")
     if args.json:

@@ -8,7 +8,6 @@ checkpoints, TracIn from checkpoints over the whole run), and puts them all thro
 
 from __future__ import annotations
 
-import inspect
 import time
 import warnings
 from collections.abc import Callable
@@ -32,20 +31,18 @@ from lightning_swim.evaluate import (
     evaluate_scores,
     train_models,
 )
-from lightning_swim.importance import pair_importance
 from lightning_swim.influence import el2n_scores, tracin_self_influence
 from lightning_swim.network import map_network
-from lightning_swim.pairmap import REFINE
 
 SCORES: dict[str, str] = {
-    "pair": "pair importance, best pair per neuron, neuron weights |w||a| (the monitor's)",
-    "pair_soft": "pair importance, soft attribution over near-optimal pairs, weights |w||a|",
-    "pair_loss_grad": "pair importance, neuron weights sum_n |dL_n/dh_nm h_nm| (loss gradient)",
-    "pair_loss_abl": "pair importance, neuron weights = training-loss rise when the neuron is removed",
+    "pair": "argmin pair importance: each neuron's best pair (exact search), neuron weights |w||a|",
+    "pair_soft": "soft pair importance (the monitor's): near-optimal pairs weighted, neuron weights |w||a|",
+    "pair_loss_grad": "soft pair importance, neuron weights sum_n |dL_n/dh_nm h_nm| (loss gradient)",
+    "pair_loss_abl": "soft pair importance, neuron weights = training-loss rise when the neuron is removed",
     "anchor_ablation": "training-loss rise of the pair-rebuilt network (output refit) without a point's neurons",
     "pair_loo": "leave-one-out error of a least-squares output layer on the pair-rebuilt features",
     "trained_loo": "control: the same leave-one-out error on the trained network's own features (no pairs)",
-    "anchor_oracle": "bound: EL2N order restricted to the points that anchor a neuron (others 0)",
+    "anchor_oracle": "bound: EL2N order among the points of any near-optimal pair (soft support; others 0)",
     "el2n": "EL2N (Paul et al. 2021), mean over checkpoints early in training",
     "tracin": "TracIn self-influence (Pruthi et al. 2020), checkpoints over the whole run",
     "random": "a uniformly random score (must not beat random subsets)",
@@ -53,14 +50,9 @@ SCORES: dict[str, str] = {
 _SWIM_SCORES = ("pair", "pair_soft", "pair_loss_grad", "pair_loss_abl", "anchor_ablation", "pair_loo", "anchor_oracle")
 
 
-def soft_available() -> bool:
-    """Whether this version's :func:`~lightning_swim.pair_importance` has the soft attribution."""
-    return "soft" in inspect.signature(pair_importance).parameters
-
-
 def default_map_kwargs() -> dict[str, Any]:
-    """The exact function-space search where this version has it, else the top-k re-ranking."""
-    return {"refine": "exact"} if "exact" in REFINE else {"refine": "function", "top_k": 128}
+    """The exact function-space search over all pairs (the maps' soft attribution needs it)."""
+    return {"refine": "exact"}
 
 
 @dataclass(frozen=True)
@@ -110,9 +102,7 @@ def compute_scores(
     per_epoch = tc.steps(x.shape[0]) // config.epochs
     el2n_steps = [e * per_epoch for e in config.el2n_epochs]
     tracin_steps = [e * per_epoch for e in range(config.tracin_every, config.epochs + 1, config.tracin_every)]
-    wanted = [s for s in config.scores if s != "pair_soft" or soft_available()]
-    if "pair_soft" in config.scores and not soft_available():
-        say("  pair_soft: skipped, this version's pair_importance has no soft attribution")
+    wanted = list(config.scores)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     need_ckpt = {"el2n", "tracin", "anchor_oracle"} & set(wanted)
@@ -147,7 +137,7 @@ def compute_scores(
         for name in wanted:
             t = time.perf_counter()
             if name == "pair":
-                value = pair_importance_scores(model, x, y, maps=maps)
+                value = pair_importance_scores(model, x, y, maps=maps, soft=False)
             elif name == "pair_soft":
                 value = pair_importance_scores(model, x, y, maps=maps, soft=True)
             elif name in ("pair_loss_grad", "pair_loss_abl"):
@@ -166,6 +156,9 @@ def compute_scores(
                     ok = pm.valid.cpu()
                     anchored[pm.idx_from.cpu()[ok]] = True
                     anchored[pm.idx_to.cpu()[ok]] = True
+                    if pm.soft_from is not None and pm.soft_to is not None:
+                        anchored[pm.soft_from.cpu()] = True
+                        anchored[pm.soft_to.cpu()] = True
                 value = torch.where(anchored, 1 + el2n, torch.zeros_like(el2n))
             elif name == "el2n":
                 assert el2n is not None

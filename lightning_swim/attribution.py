@@ -38,7 +38,6 @@ References:
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -163,23 +162,12 @@ def loss_neuron_weights(
             mod.training = mode
 
 
-def _importance(pm: PairMap, n: int, omega: Tensor | None, soft: bool) -> Tensor:
-    if not soft:
-        return pair_importance(pm, n, omega)
-    if "soft" not in inspect.signature(pair_importance).parameters:
-        raise NotImplementedError(
-            "`soft=True` needs the soft attribution of `pair_importance` (the exact function-space search); this "
-            "version only has the argmin attribution: use soft=False."
-        )
-    return pair_importance(pm, n, omega, soft=True)  # type: ignore[call-arg]
-
-
 def pair_importance_scores(
     model: nn.Module,
     x: Tensor,
     y: Tensor | None = None,
     *,
-    soft: bool = False,
+    soft: bool = True,
     neuron_weights: str = "contribution",
     layers: list[str] | None = None,
     activations: ActivationSpec = None,
@@ -196,8 +184,9 @@ def pair_importance_scores(
         model: the network.
         x: the points to score (also the probe set of the maps), ``[N, ...]``.
         y: their labels or targets (needed by the loss-aware neuron weights).
-        soft: spread each neuron's weight over its near-optimal pairs (needs the soft
-            :func:`~lightning_swim.pair_importance`) instead of its best pair.
+        soft: spread each neuron's weight over its near-optimal pairs (the map's soft attribution, as
+            :func:`~lightning_swim.pair_importance` does by default), or give it to its best pair only
+            (``False``, the argmin importance).
         neuron_weights: one of :data:`PAIR_NEURON_WEIGHTS` (see the module docstring).
         layers, activations: which layers to map and their activations (as in
             :func:`~lightning_swim.map_network`).
@@ -228,7 +217,7 @@ def pair_importance_scores(
             omega = loss_neuron_weights(model, x, y, name, kind=neuron_weights, activations=activations)
         if omega is not None and float(omega.double()[pm.valid.cpu()].sum()) <= 0:
             omega = None  # no mapped neuron weighs anything: uniform
-        parts.append(_importance(pm, n, omega, soft))
+        parts.append(pair_importance(pm, n, omega, soft=soft))
     return torch.stack(parts).mean(0)
 
 

@@ -49,7 +49,7 @@ class TestPairImportanceScores:
         with torch.no_grad():
             model[0].weight.copy_(w * 2.0)
             model[0].bias.copy_(b * 2.0)
-        imp = pair_importance_scores(model, x, neuron_weights="uniform", backend="torch", top_k=8)
+        imp = pair_importance_scores(model, x, neuron_weights="uniform", soft=False, backend="torch")
         expected = torch.zeros(60, dtype=F64)
         expected[[0, 5, 9, 11, 7, 2]] = torch.tensor([1, 1, 1, 1, 1, 1], dtype=F64) / 8
         expected[3] = 2 / 8  # point 3 anchors two neurons
@@ -68,14 +68,20 @@ class TestPairImportanceScores:
         lg = pair_importance_scores(model, x, y, maps=maps, neuron_weights="loss_gradient")
         assert float(lg.sum()) == pytest.approx(1.0) and not torch.allclose(lg, got)
 
-    def test_soft_needs_the_soft_attribution(self, trained):
-        import inspect
-
-        if "soft" in inspect.signature(pair_importance).parameters:
-            pytest.skip("this version has the soft attribution")
+    def test_soft_and_argmin(self, trained):
         model, x, y = trained
-        with pytest.raises(NotImplementedError, match="soft"):
-            pair_importance_scores(model, x, y, soft=True, backend="torch", top_k=4)
+        maps = map_network(model, x, backend="torch")
+        layers = linear_layers(model, x[:4])
+        for soft in (True, False):
+            parts = [
+                pair_importance(pm, len(x), neuron_weights_of(layers, name, "uniform"), soft=soft)
+                for name, pm in maps.items()
+            ]
+            got = pair_importance_scores(model, x, y, maps=maps, soft=soft, neuron_weights="uniform")
+            torch.testing.assert_close(got, torch.stack(parts).mean(0))
+        argmin = pair_importance_scores(model, x, y, maps=maps, soft=False)
+        soft = pair_importance_scores(model, x, y, maps=maps)
+        assert int((soft > 0).sum()) >= int((argmin > 0).sum())  # near-optimal pairs spread the weight
 
     def test_loss_weights_need_labels(self, trained):
         model, x, _ = trained

@@ -305,6 +305,7 @@ def test_the_evaluate_command_prints_the_table(capsys, tmp_path):
     threads = torch.get_num_threads()
     try:
         argv = ["evaluate", "--seeds", "2", "--epochs", "2", "--remove", "0.1", "--keep", "0.3", "--global-only"]
+        argv += ["--refine", "function"]
         main([*argv, "--scores", "pair_loo", "el2n", "random", "--json", str(tmp_path / "rows.json")])
     finally:
         torch.set_num_threads(threads)

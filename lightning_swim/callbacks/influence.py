@@ -14,7 +14,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_swim._checks import check_positive_int, check_probe
-from lightning_swim._data import probe_from_dataloader
+from lightning_swim._data import draw_probe
 from lightning_swim.evaluate import spearman
 from lightning_swim.influence import LossFn, TracInAccumulator, el2n_scores
 
@@ -146,7 +146,8 @@ class InfluenceMonitor(Callback):
             self._x, self._y = shared
             return
         size, seed = (pair.probe_size, pair.seed) if pair is not None else (self.probe_size, self.seed)
-        self._x, self._y = probe_from_dataloader(trainer.train_dataloader, size, torch.Generator().manual_seed(seed))
+        drawn = draw_probe(trainer.train_dataloader, size, torch.Generator().manual_seed(seed))  # as the pair monitor
+        self._x, self._y = drawn.x, drawn.y
 
     # -- when ------------------------------------------------------------------------------------
 
