@@ -24,6 +24,7 @@ import time
 import torch
 
 from lightning_swim._study import SCORES, StudyConfig, run_study
+from lightning_swim.evaluate import spearman
 
 
 def main() -> None:
@@ -38,9 +39,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     config = StudyConfig(seeds=tuple(range(args.seeds)), n_random=args.n_random, scores=tuple(args.scores))
     t0 = time.perf_counter()
-    evaluation, seconds = run_study(config)
+    evaluation, seconds, scores = run_study(config)
     print()
     print(evaluation)
+    print()
+    print("Spearman ρ with the data's geometry (mean over seeds): closeness to another class, local density")
+    geometry: dict[str, list[float]] = {}
+    for name in evaluation.scores:
+        per = scores[name]
+        geometry[name] = [
+            sum(spearman(per[s], scores[ref][0]) for s in range(per.shape[0])) / per.shape[0]
+            for ref in ("boundary", "density")
+        ]
+        print(f"  {name:<16} {geometry[name][0]:+.2f}   {geometry[name][1]:+.2f}")
     print()
     print("Scores:")
     for name in evaluation.scores:
@@ -57,6 +68,7 @@ def main() -> None:
                     "rows": evaluation.rows(),
                     "stability": evaluation.stability,
                     "correlations": {"names": names, "rho": rho.tolist()},
+                    "geometry": geometry,
                     "seconds": seconds,
                 },
                 fh,

@@ -42,12 +42,22 @@ SCORES: dict[str, str] = {
     "anchor_ablation": "training-loss rise of the pair-rebuilt network (output refit) without a point's neurons",
     "pair_loo": "leave-one-out error of a least-squares output layer on the pair-rebuilt features",
     "trained_loo": "control: the same leave-one-out error on the trained network's own features (no pairs)",
-    "anchor_oracle": "bound: EL2N order among the points of any near-optimal pair (soft support; others 0)",
+    "anchor_oracle": "bound: EL2N order among the points of the neurons' best pairs (others 0)",
+    "soft_oracle": "bound: EL2N order among the points of any near-optimal pair (the soft support; others 0)",
     "el2n": "EL2N (Paul et al. 2021), mean over checkpoints early in training",
     "tracin": "TracIn self-influence (Pruthi et al. 2020), checkpoints over the whole run",
     "random": "a uniformly random score (must not beat random subsets)",
 }
-_SWIM_SCORES = ("pair", "pair_soft", "pair_loss_grad", "pair_loss_abl", "anchor_ablation", "pair_loo", "anchor_oracle")
+_SWIM_SCORES = (
+    "pair",
+    "pair_soft",
+    "pair_loss_grad",
+    "pair_loss_abl",
+    "anchor_ablation",
+    "pair_loo",
+    "anchor_oracle",
+    "soft_oracle",
+)
 
 
 def default_map_kwargs() -> dict[str, Any]:
@@ -105,7 +115,7 @@ def compute_scores(
     wanted = list(config.scores)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    need_ckpt = {"el2n", "tracin", "anchor_oracle"} & set(wanted)
+    need_ckpt = {"el2n", "tracin", "anchor_oracle", "soft_oracle"} & set(wanted)
     run = train_models(
         [64, *config.widths, 10],
         x,
@@ -130,7 +140,7 @@ def compute_scores(
                 maps = map_network(model, x, **config.map_kwargs)
             add("maps", t)
         el2n = None
-        if {"el2n", "anchor_oracle"} & set(wanted):
+        if {"el2n", "anchor_oracle", "soft_oracle"} & set(wanted):
             t = time.perf_counter()
             el2n = el2n_scores([run.checkpoints[s][si] for s in el2n_steps], x, y)
             add("el2n", t)
@@ -149,14 +159,14 @@ def compute_scores(
                 value = leave_one_out_scores(model, x, y, maps=maps)
             elif name == "trained_loo":
                 value = leave_one_out_scores(model, x, y, rebuild=False)
-            elif name == "anchor_oracle":
+            elif name in ("anchor_oracle", "soft_oracle"):
                 assert maps is not None and el2n is not None
                 anchored = torch.zeros(x.shape[0], dtype=torch.bool)
                 for pm in maps.values():
                     ok = pm.valid.cpu()
                     anchored[pm.idx_from.cpu()[ok]] = True
                     anchored[pm.idx_to.cpu()[ok]] = True
-                    if pm.soft_from is not None and pm.soft_to is not None:
+                    if name == "soft_oracle" and pm.soft_from is not None and pm.soft_to is not None:
                         anchored[pm.soft_from.cpu()] = True
                         anchored[pm.soft_to.cpu()] = True
                 value = torch.where(anchored, 1 + el2n, torch.zeros_like(el2n))
@@ -170,13 +180,25 @@ def compute_scores(
                 gen = torch.Generator().manual_seed(derive_seed(seed, 99))
                 value = torch.rand(x.shape[0], generator=gen, dtype=torch.float64)
             out[name].append(value)
-            if name not in ("el2n", "anchor_oracle", "random", "trained_loo"):
+            if name not in ("el2n", "anchor_oracle", "soft_oracle", "random", "trained_loo"):
                 add(name, t)
     return {k: torch.stack(v) for k, v in out.items()}, seconds
 
 
-def run_study(config: StudyConfig, *, say: Callable[[str], None] = print) -> tuple[Evaluation, dict[str, float]]:
-    """Compute the scores and evaluate them; returns the evaluation and the seconds each stage took."""
+def data_geometry(x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """Two reference orderings of the training points: closeness to another class (minus the distance to
+    the nearest point of another class) and local density (minus the mean distance to the 10 nearest)."""
+    d = torch.cdist(x.double(), x.double())
+    d.fill_diagonal_(float("inf"))
+    other = torch.where(y[:, None] != y[None, :], d, torch.full_like(d, float("inf"))).min(1).values
+    return {"boundary": -other, "density": -d.topk(10, largest=False).values.mean(1)}
+
+
+def run_study(
+    config: StudyConfig, *, say: Callable[[str], None] = print
+) -> tuple[Evaluation, dict[str, float], dict[str, Tensor]]:
+    """Compute the scores and evaluate them: the evaluation, the seconds each stage took, and the scores
+    (plus the two :func:`data_geometry` references, one row each)."""
     x, y, x_test, y_test = digits(test_size=config.test_size, seed=config.split_seed)
     say(f"Running: {config.describe()}")
     say(f"  {x.shape[0]} training and {x_test.shape[0]} test digits.")
@@ -197,4 +219,4 @@ def run_study(config: StudyConfig, *, say: Callable[[str], None] = print) -> tup
         n_random=config.n_random,
     )
     seconds["retraining (evaluation)"] = time.perf_counter() - t1
-    return evaluation, seconds
+    return evaluation, seconds, {**scores, **{k: v[None] for k, v in data_geometry(x, y).items()}}

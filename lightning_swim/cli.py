@@ -101,7 +101,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             tracin_every=max(1, args.epochs // 12),
             map_kwargs={"refine": "exact"} if args.refine == "exact" else {"refine": "function", "top_k": 128},
         )
-    evaluation, seconds = run_study(config)
+    evaluation, seconds, _ = run_study(config)
     print()
     print(evaluation)
     print()
