@@ -48,11 +48,11 @@ from torch import Tensor, nn
 from lightning_swim._checks import check_choice, check_probe
 from lightning_swim._modelio import (
     ActivationSpec,
-    LinearLayer,
+    LayerReading,
     capture_inputs,
-    capture_outputs,
     linear_layers,
     model_device_dtype,
+    preserved,
 )
 from lightning_swim._solve import ridge_lstsq
 from lightning_swim.analysis import neuron_weights_of
@@ -78,15 +78,27 @@ def _loss_of(y: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
     return lambda out, t: nn.functional.cross_entropy(out, t, reduction="none")
 
 
-def _reader(layers: list[LinearLayer], name: str) -> LinearLayer:
+def _reader(layers: list[LayerReading], name: str) -> LayerReading:
     """The dense layer that reads layer ``name``'s activations (as :func:`neuron_weights_of` finds it)."""
     names = [layer.name for layer in layers]
     k = names.index(name)
-    this = layers[k].module
+    width = layers[k].weight.shape[0]
     for nxt in layers[k + 1 :]:
-        if nxt.module.in_features == this.out_features:
+        if nxt.weight.shape[1] == width:
             return nxt
-    raise ValueError(f"No dense layer after {name!r} reads its {this.out_features} outputs; cannot weigh its neurons.")
+    raise ValueError(f"No dense layer after {name!r} reads its {width} outputs; cannot weigh its neurons.")
+
+
+def _layer_output(model: nn.Module, x: Tensor, name: str) -> Tensor:
+    """The output of module ``name`` on ``x`` (before any activation after it), detached, state preserved."""
+    outs: list[Tensor] = []
+    handle = model.get_submodule(name).register_forward_hook(lambda _m, _i, out: outs.append(out.detach()))
+    try:
+        with preserved(model):
+            model(x.to(*model_device_dtype(model)) if x.is_floating_point() else x)
+    finally:
+        handle.remove()
+    return outs[0]
 
 
 def _with_input(model: nn.Module, reader: nn.Module, x: Tensor, edit: Callable[[Tensor], Tensor]) -> Tensor:
@@ -146,7 +158,7 @@ def loss_neuron_weights(
             return (g * held[0]).detach().abs().sum(0).double().cpu()
         with torch.no_grad():
             base = float(loss(model(xin), target).double().mean())
-            m_out = reader.in_features
+            m_out = int(reader.weight.shape[1])
             omega = torch.empty(m_out, dtype=torch.float64)
             for m in range(m_out):
 
@@ -270,7 +282,7 @@ def anchor_ablation_scores(
     found = linear_layers(rebuilt, x[: min(len(x), 8)], activations)
     out_name = found[-1].name
     out_module = found[-1].module
-    target = capture_outputs(model, x, out_name)  # what the refit aims at: the original outputs
+    target = _layer_output(model, x, out_name)  # what the refit aims at: the original outputs
     loss = _loss_of(y)
     device, dtype = model_device_dtype(rebuilt)
     t = y.to(device=device, dtype=dtype) if y.is_floating_point() else y.to(device)
@@ -384,7 +396,7 @@ def leave_one_out_scores(
     if y.is_floating_point():
         t = y.double().cpu().reshape(x.shape[0], -1)
     else:
-        t = nn.functional.one_hot(y.cpu().long(), max(out_layer.module.out_features, int(y.max()) + 1)).double()
+        t = nn.functional.one_hot(y.cpu().long(), max(int(out_layer.weight.shape[0]), int(y.max()) + 1)).double()
     h1 = torch.cat([h, torch.ones(h.shape[0], 1, dtype=torch.float64)], 1)
     gram = h1.T @ h1
     lam = ridge * max(float(gram.trace()) / gram.shape[0], torch.finfo(torch.float64).tiny)
