@@ -172,18 +172,6 @@ class Snapshots(Callback):
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
-class PublicPairMonitor(PairImportanceMonitor):
-    """The pair monitor with the two public attributes the InfluenceMonitor reads (proposed for the library)."""
-
-    @property
-    def latest_record(self):
-        return self._previous
-
-    @property
-    def probe(self):
-        return (self._x, self._y) if self._x is not None else None
-
-
 class TestInfluenceMonitor:
     @pytest.fixture(scope="class")
     def digits_data(self):
@@ -215,7 +203,7 @@ class TestInfluenceMonitor:
 
         x, y = digits_data
         module = MLPModule([64, 16, 10], x, y, lr=1e-2)
-        pair = PublicPairMonitor(every_n_epochs=1, probe_size=64, fidelity=False, log_images=False, backend="torch")
+        pair = PairImportanceMonitor(every_n_epochs=1, probe_size=64, fidelity=False, log_images=False, backend="torch")
         monitor = InfluenceMonitor(every_n_epochs=1)  # after the pair monitor: sees this epoch's map
         logger = TensorBoardLogger(tmp_path, name="tb", version=0)
         t = trainer(tmp_path, callbacks=[pair, monitor], max_epochs=2, logger=logger)

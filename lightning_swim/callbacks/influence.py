@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -204,14 +204,6 @@ class InfluenceMonitor(Callback):
     def _correlations(self, trainer: pl.Trainer, n: int) -> dict[str, float]:
         pair = self._pair_monitor(trainer)
         if pair is None:
-            return {}
-        if not hasattr(pair, "latest_record"):
-            if "record" not in self._warned:
-                self._warned.add("record")
-                rank_zero_info(
-                    "InfluenceMonitor: this PairImportanceMonitor has no public `latest_record`; the correlations "
-                    "with pair importance are not logged."
-                )
             return {}
         record = pair.latest_record
         out: dict[str, float] = {}

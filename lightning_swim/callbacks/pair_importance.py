@@ -643,6 +643,18 @@ class PairImportanceMonitor(Callback):
                 else:
                     writer.add_figure(f"swim/{name}/{key}", fig, global_step=record.step, close=False)
 
+    # -- what other callbacks read ----------------------------------------------------------------
+
+    @property
+    def latest_record(self) -> MapRecord | None:
+        """The last map of this run (``None`` before the first): its pairs, importances and scalars."""
+        return self._previous
+
+    @property
+    def probe(self) -> tuple[Tensor, Tensor | None] | None:
+        """The probe set ``(x, y)`` the maps index (``None`` before it is drawn at fit start)."""
+        return None if self._x is None else (self._x, self._y)
+
     # -- checkpoints -----------------------------------------------------------------------------
 
     @override
