@@ -209,9 +209,11 @@ def _rowmin_eager(x: Tensor, v: Tensor, gamma: Tensor, fam: Family, *, max_memor
     a, b, g = _cost_terms(v, gamma, fam)
     mc = min(M, 64)
     b_chunks = [b[:, c : c + mc].contiguous() for c in range(0, M, mc)]
-    # blocks of ~2^22 costs in one reused buffer: fresh half-gigabyte temporaries would spend more on
-    # page faults than on flops
-    per_block = max(1, min(N, max_memory // (x.element_size() * N * (mc + 12)), 2**22 // (N * mc)))
+    # on a CPU, blocks of ~2^22 costs in one reused buffer: fresh half-gigabyte temporaries would spend
+    # more on page faults than on flops; a GPU wants large blocks
+    per_block = max(1, min(N, max_memory // (x.element_size() * N * (mc + 12))))
+    if x.device.type == "cpu":
+        per_block = max(1, min(per_block, 2**22 // (N * mc)))
     buf = torch.empty(per_block, N, mc, dtype=x.dtype, device=x.device)
     fmin = torch.empty(N, M, dtype=x.dtype, device=x.device)
     for start, stop in _row_blocks(N, per_block):
