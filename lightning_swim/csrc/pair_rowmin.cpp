@@ -11,10 +11,12 @@
 // |x|^2. a = 2 v, b = -2 v and g = -2 gamma; the caller adds gamma^2.
 //
 // The cost per (i, j, m) is one add, two multiply-adds and a min. Four anchors share every load of
-// b_j (register blocking), partners come in tiles whose factors stay in L1, and anchors are spread over
-// OpenMP threads. Plain C++ with GCC/Clang vector extensions: no intrinsics, any target.
+// b_j (register blocking); partners come in tiles of 512 whose rows of b stay in L2 while 32 anchors
+// use them; super-blocks of 32 anchors are spread over OpenMP threads. Plain C++ with GCC/Clang vector
+// extensions: no intrinsics, any target.
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <limits>
@@ -30,6 +32,7 @@
 #define LS_MV 1
 #endif
 #define LS_IB 4    // anchors per register block
+#define LS_IS 32   // anchors per super-block (sharing a tile of partners in L2), a multiple of LS_IB
 #define LS_NJ 512  // partners per tile
 
 template <typename T>
@@ -89,58 +92,76 @@ static void pair_factors(int64_t i, int64_t j0, int64_t nj, int64_t d, const T* 
 
 template <typename T>
 static int rowmin(int64_t nrows, int64_t row0, int64_t N, int64_t d, int64_t Mp, const T* G, const T* x, const T* sq,
-                  const T* sqy, const int64_t* groups, const T* a, const T* b, const T* g, T kappa, T alpha, int homogeneous, T tol,
-                  T* out, int nthreads) {
+                  const T* sqy, const int64_t* groups, const T* a, const T* b, const T* g, T kappa, T alpha,
+                  int homogeneous, T tol, T* out, int nthreads) {
     typedef typename Vec<T>::type V;
     const int64_t L = LS_VBYTES / sizeof(T);
     const int64_t MC = L * LS_MV;  // neurons per register block
     if (Mp % MC != 0) return 1;
-    const int64_t ngroups = (nrows + LS_IB - 1) / LS_IB;
+    const int64_t nsuper = (nrows + LS_IS - 1) / LS_IS;
     const T inf = std::numeric_limits<T>::infinity();
+    int status = 0;
 #pragma omp parallel for schedule(dynamic) num_threads(nthreads)
-    for (int64_t grp = 0; grp < ngroups; grp++) {
-        T A[LS_IB][LS_NJ], R[LS_IB][LS_NJ], K[LS_IB][LS_NJ];
-        const int64_t i0 = grp * LS_IB;
-        const int64_t nr = nrows - i0 < LS_IB ? nrows - i0 : LS_IB;
-        for (int64_t ii = 0; ii < nr; ii++)
-            for (int64_t m = 0; m < Mp; m++) out[(i0 + ii) * Mp + m] = inf;
+    for (int64_t sg = 0; sg < nsuper; sg++) {
+        // the factors of LS_IS anchors against one tile of partners (L2-resident)
+        T* buf = (T*)malloc(sizeof(T) * 3 * LS_IS * LS_NJ);
+        if (buf == NULL) {
+#pragma omp atomic write
+            status = 2;
+            continue;
+        }
+        T *A = buf, *R = buf + LS_IS * LS_NJ, *K = buf + 2 * LS_IS * LS_NJ;
+        const int64_t s0 = sg * LS_IS;
+        const int64_t ns = nrows - s0 < LS_IS ? nrows - s0 : LS_IS;
+        for (int64_t ii = 0; ii < ns; ii++)
+            for (int64_t m = 0; m < Mp; m++) out[(s0 + ii) * Mp + m] = inf;
         for (int64_t j0 = 0; j0 < N; j0 += LS_NJ) {
             const int64_t nj = N - j0 < LS_NJ ? N - j0 : LS_NJ;
-            for (int64_t ii = 0; ii < LS_IB; ii++) {
-                if (ii < nr) {
-                    pair_factors<T>(row0 + i0 + ii, j0, nj, d, G + (i0 + ii) * N + j0, x, sq, sqy, groups, kappa, alpha,
-                                    homogeneous, tol, A[ii], R[ii], K[ii]);
+            for (int64_t ii = 0; ii < LS_IS; ii++) {
+                T *Ai = A + ii * LS_NJ, *Ri = R + ii * LS_NJ, *Ki = K + ii * LS_NJ;
+                if (ii < ns) {
+                    pair_factors<T>(row0 + s0 + ii, j0, nj, d, G + (s0 + ii) * N + j0, x, sq, sqy, groups, kappa,
+                                    alpha, homogeneous, tol, Ai, Ri, Ki);
                 } else {  // a missing anchor of the last block: never below anything
-                    for (int64_t j = 0; j < nj; j++) A[ii][j] = inf, R[ii][j] = 0, K[ii][j] = 0;
+                    for (int64_t j = 0; j < nj; j++) Ai[j] = inf, Ri[j] = 0, Ki[j] = 0;
                 }
             }
-            for (int64_t m0 = 0; m0 < Mp; m0 += MC) {
-                V acc[LS_IB][LS_MV], av[LS_IB][LS_MV], gv[LS_MV];
-                for (int v = 0; v < LS_MV; v++) {
-                    gv[v] = load<T>(g + m0 + v * L);
-                    for (int64_t ii = 0; ii < LS_IB; ii++) {
-                        const int64_t r = ii < nr ? i0 + ii : i0;  // a missing anchor reads a real row, unused
-                        acc[ii][v] = load<T>(out + r * Mp + m0 + v * L);
-                        av[ii][v] = load<T>(a + (row0 + r) * Mp + m0 + v * L);
-                    }
-                }
-                for (int64_t j = 0; j < nj; j++) {
-                    V bv[LS_MV];
-                    for (int v = 0; v < LS_MV; v++) bv[v] = load<T>(b + (j0 + j) * Mp + m0 + v * L);
-                    for (int64_t ii = 0; ii < LS_IB; ii++) {
-                        const T ra = A[ii][j], rr = R[ii][j], rk = K[ii][j];
-                        for (int v = 0; v < LS_MV; v++) {
-                            const V f = ra + rr * (av[ii][v] + bv[v]) + rk * gv[v];
-                            acc[ii][v] = f < acc[ii][v] ? f : acc[ii][v];
+            // register blocks of LS_IB anchors x MC neurons; each load of b_j serves LS_IB anchors, and
+            // the tile of b stays in L2 for the LS_IS / LS_IB blocks of the super-group
+            for (int64_t i0 = 0; i0 < ns; i0 += LS_IB) {
+                const int64_t nr = ns - i0 < LS_IB ? ns - i0 : LS_IB;
+                const T* Ab = A + i0 * LS_NJ;
+                const T* Rb = R + i0 * LS_NJ;
+                const T* Kb = K + i0 * LS_NJ;
+                for (int64_t m0 = 0; m0 < Mp; m0 += MC) {
+                    V acc[LS_IB][LS_MV], av[LS_IB][LS_MV], gv[LS_MV];
+                    for (int v = 0; v < LS_MV; v++) {
+                        gv[v] = load<T>(g + m0 + v * L);
+                        for (int64_t ii = 0; ii < LS_IB; ii++) {
+                            const int64_t r = s0 + i0 + (ii < nr ? ii : 0);  // a missing anchor reads a real row
+                            acc[ii][v] = load<T>(out + r * Mp + m0 + v * L);
+                            av[ii][v] = load<T>(a + (row0 + r) * Mp + m0 + v * L);
                         }
                     }
+                    for (int64_t j = 0; j < nj; j++) {
+                        V bv[LS_MV];
+                        for (int v = 0; v < LS_MV; v++) bv[v] = load<T>(b + (j0 + j) * Mp + m0 + v * L);
+                        for (int64_t ii = 0; ii < LS_IB; ii++) {
+                            const T ra = Ab[ii * LS_NJ + j], rr = Rb[ii * LS_NJ + j], rk = Kb[ii * LS_NJ + j];
+                            for (int v = 0; v < LS_MV; v++) {
+                                const V f = ra + rr * (av[ii][v] + bv[v]) + rk * gv[v];
+                                acc[ii][v] = f < acc[ii][v] ? f : acc[ii][v];
+                            }
+                        }
+                    }
+                    for (int64_t ii = 0; ii < nr; ii++)
+                        for (int v = 0; v < LS_MV; v++) store<T>(out + (s0 + i0 + ii) * Mp + m0 + v * L, acc[ii][v]);
                 }
-                for (int64_t ii = 0; ii < nr; ii++)
-                    for (int v = 0; v < LS_MV; v++) store<T>(out + (i0 + ii) * Mp + m0 + v * L, acc[ii][v]);
             }
         }
+        free(buf);
     }
-    return 0;
+    return status;
 }
 
 extern "C" {
