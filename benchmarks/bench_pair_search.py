@@ -25,9 +25,10 @@ naive. Runs predicted to exceed ``--budget`` seconds (from the N^2 scaling of th
 skipped. The last column is the share of (anchor, neuron) scans that the anchor lower bound of
 DESIGN.md §2, ``cost >= s_i^2 / (1 + |x_i|^2)``, would let an exact search skip.
 
-Timings on a shared machine vary with the other load: run it on a quiet one,
+Timings on a shared machine vary with the other load (OpenMP threads that wait for a descheduled
+sibling slow small operations down tenfold): run it on a quiet machine, or with ``--threads 1``,
 
-    python benchmarks/bench_pair_search.py [--sizes 1000 5000 20000] [--dims 784 64] [--methods ...]
+    python benchmarks/bench_pair_search.py [--sizes 1000 5000 20000] [--dims 784 64] [--methods ...] [--threads T]
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ def search(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, backend: str) -> t
 
 
 def run_one(method: str, n: int, d: int) -> dict[str, float]:
+    if os.environ.get("BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
     if method == "eager":
         os.environ["LIGHTNING_SWIM_CPU_KERNEL"] = "0"
     backend = {"eager": "torch", "kernel": "torch", "keops": "keops"}.get(method, "")
@@ -157,12 +160,21 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[784, 64])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--budget", type=float, default=600.0, help="skip runs predicted to take longer (s)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch (and kernel) threads of every run; 1 is steadiest where other processes share the cores",
+    )
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "N", "D"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one[0], int(args.one[1]), int(args.one[2]))))
         return
 
+    if args.threads:
+        os.environ["BENCH_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
     rate, _ = gemm_rate()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; M = {M} ReLU neurons, float32; "

@@ -186,13 +186,13 @@ def _row_blocks(n: int, rows_per_block: int) -> list[tuple[int, int]]:
 def rowmin_torch(x: Tensor, v: Tensor, gamma: Tensor, fam: Family, *, max_memory: int, kernel: bool = True) -> Tensor:
     r"""Row minima ``[N, M]`` from one GEMM per block of anchors, then the per-neuron work.
 
-    Squared distances come from :math:`|x_i|^2 + |x_j|^2 - 2 X_{rows} X^\top` (recomputed from the
-    coordinates where that cancels, see :class:`_Distances`); the per-neuron work is the expansion of
-    :func:`_cost_terms`. On a CPU, with ``kernel=True``, it runs in the compiled kernel of
+    Squared distances come from a GEMM of the centred points (recomputed from the coordinates where
+    that cancels, see :class:`_Distances`); the per-neuron work is the expansion of :func:`_cost_terms`.
+    On a CPU, in float32 and float64, with ``kernel=True``, it runs in the compiled kernel of
     :mod:`lightning_swim._cpu_kernel` (GEMM blocks of at most ``max_memory / 2`` bytes) if that builds,
     else in plain PyTorch on ``[Bi, N, Mc]`` blocks of at most ``max_memory`` bytes.
     """
-    if kernel and x.device.type == "cpu":
+    if kernel and _kernel_fits(x):
         try:
             compiled = cpu_kernel()
         except CpuKernelUnavailableError:
@@ -209,22 +209,28 @@ def _rowmin_eager(x: Tensor, v: Tensor, gamma: Tensor, fam: Family, *, max_memor
     a, b, g = _cost_terms(v, gamma, fam)
     mc = min(M, 64)
     b_chunks = [b[:, c : c + mc].contiguous() for c in range(0, M, mc)]
-    # on a CPU, blocks of ~2^22 costs in one reused buffer: fresh half-gigabyte temporaries would spend
-    # more on page faults than on flops; a GPU wants large blocks
     per_block = max(1, min(N, max_memory // (x.element_size() * N * (mc + 12))))
-    if x.device.type == "cpu":
-        per_block = max(1, min(per_block, 2**22 // (N * mc)))
-    buf = torch.empty(per_block, N, mc, dtype=x.dtype, device=x.device)
+    nj = N
+    if x.device.type == "cpu":  # [Bi, Nj, Mc] blocks of ~2^22 costs in one reused buffer, within the caches
+        per_block = min(per_block, 64)
+        nj = max(256, 2**22 // (per_block * mc))
+    buf = torch.empty(per_block, min(nj, N), mc, dtype=x.dtype, device=x.device)
     fmin = torch.empty(N, M, dtype=x.dtype, device=x.device)
     for start, stop in _row_blocks(N, per_block):
         rows = torch.arange(start, stop, device=x.device)
         d2, bad = dist.rows(rows)
         A, R, K = (t[:, :, None] for t in _pair_factors(fam, d2, bad, sq[rows, None], sq[None, :]))
         for c, b_c in zip(range(0, M, mc), b_chunks, strict=True):
-            f = buf[: stop - start, :, : b_c.shape[1]]
-            torch.add(a[start:stop, None, c : c + mc], b_c[None], out=f)  # [Bi, N, Mc]
-            f.mul_(R).add_(A).addcmul_(K, g[c : c + mc])
-            fmin[start:stop, c : c + mc] = f.amin(dim=1)
+            out = fmin[start:stop, c : c + mc]
+            for j0 in range(0, N, nj):
+                js = slice(j0, j0 + nj)
+                f = buf[: stop - start, : min(nj, N - j0), : b_c.shape[1]]
+                torch.add(a[start:stop, None, c : c + mc], b_c[None, js], out=f)  # [Bi, Nj, Mc]
+                f.mul_(R[:, js]).add_(A[:, js]).addcmul_(K[:, js], g[c : c + mc])
+                if j0 == 0:
+                    torch.amin(f, dim=1, out=out)
+                else:
+                    torch.minimum(out, f.amin(dim=1), out=out)
     return fmin + gamma * gamma
 
 
@@ -236,7 +242,7 @@ def _rowmin_kernel(kern: CpuKernel, x: Tensor, v: Tensor, gamma: Tensor, fam: Fa
     a, b, g = _cost_terms(v, gamma, fam, NEURON_PAD)
     consts = (fam.kappa, fam.alpha, fam.homogeneous, dist.tol)
     fmin = torch.empty(N, a.shape[1], dtype=x.dtype)
-    # a few hundred anchors per GEMM: fast GEMMs, Gram blocks that stay near the last-level cache
+    # a few hundred anchors per GEMM: fast GEMMs; the kernel reads each Gram entry once
     per_block = min(512, max(4, max_memory // (2 * x.element_size() * N)))
     for start, stop in _row_blocks(N, per_block):
         gram = dist.y[start:stop] @ dist.y.T
@@ -346,7 +352,7 @@ def rowmin(x: Tensor, v: Tensor, gamma: Tensor, fam: Family, *, backend: str, ma
     if backend == "torch":
         return rowmin_torch(x, v, gamma, fam, max_memory=max_memory), _torch_engine(x)
     reasons = []
-    if backend == "auto" and x.device.type == "cpu":
+    if backend == "auto" and _kernel_fits(x):
         try:
             kern = cpu_kernel()
         except CpuKernelUnavailableError as err:
@@ -375,8 +381,13 @@ def rowmin(x: Tensor, v: Tensor, gamma: Tensor, fam: Family, *, backend: str, ma
     return _rowmin_eager(x, v, gamma, fam, max_memory=max_memory), "torch"
 
 
+def _kernel_fits(x: Tensor) -> bool:
+    """Whether the compiled CPU kernel serves these points: on the CPU, in float32 or float64."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+
+
 def _torch_engine(x: Tensor) -> str:
-    if x.device.type != "cpu":
+    if not _kernel_fits(x):
         return "torch"
     try:
         cpu_kernel()
