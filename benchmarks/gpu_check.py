@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,30 @@ def _row(
     case: str, gpu: str = "", gpu_s: float | None = None, cpu: str = "", cpu_s: float | None = None, check: str = ""
 ) -> dict[str, Any]:
     return {"case": case, "gpu": gpu, "gpu_s": gpu_s, "cpu": cpu, "cpu_s": cpu_s, "check": check}
+
+
+def _twin(case: str, cpu: str, cpu_s: float, checks: dict[str, str]) -> dict[str, Any]:
+    """The CPU twin of the rows of ``case`` measured before it, with each GPU engine's check."""
+    return {**_row(case, cpu=cpu, cpu_s=cpu_s), "twin_checks": checks}
+
+
+def merge_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fill the CPU columns (and the checks) of the rows that a later twin row names; drop the twins
+    that found their rows."""
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        checks = row.pop("twin_checks", None)
+        if checks is None:
+            out.append(row)
+            continue
+        matched = [r for r in out if r["case"] == row["case"] and r["gpu"] and not r["cpu"]]
+        for r in matched:
+            r.update(cpu=row["cpu"], cpu_s=row["cpu_s"])
+            if r["gpu"] in checks and not r["check"]:
+                r["check"] = checks[r["gpu"]]
+        if not matched:
+            out.append(row)
+    return out
 
 
 def _layer(n: int, d: int, m: int, seed: int = 0) -> tuple[Any, Any, Any]:
@@ -130,30 +154,30 @@ def section_environment(device: str, tiny: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def section_search(device: str, tiny: bool) -> list[dict[str, Any]]:
+def section_search(device: str, tiny: bool) -> Iterator[dict[str, Any]]:
     from lightning_swim import map_layer
 
     m = 16 if tiny else 256
     sizes = [(200, 16)] if tiny else [(5000, 784), (20000, 784)]
-    rows = []
     w, b, x = _layer(64, sizes[0][1], m)
     for backend in ("keops", "torch"):  # compile or load the formulas: their own rows
         t, _ = _timed(device, map_layer, w.to(device), b.to(device), x.to(device), refine="none", backend=backend)
-        rows.append(_row(f"warm-up N=64 (compiles) {backend}", gpu=backend, gpu_s=t))
+        yield _row(f"warm-up N=64 (compiles) {backend}", gpu=backend, gpu_s=t)
     t, _ = _timed("cpu", map_layer, w, b, x, refine="none", backend="auto")
-    rows[-1].update(cpu="auto", cpu_s=t)
-    for n, d in sizes:
+    yield _row("warm-up N=64 (compiles) auto", cpu="auto", cpu_s=t)
+    for n, d in sizes:  # the GPU first: a slow CPU twin cut off by the time limit loses only itself
+        case = f"N={n} d={d} M={m}"
         w, b, x = _layer(n, d, m)
-        cpu_t, cpu_map = _timed("cpu", map_layer, w, b, x, refine="none", backend="auto")
         wd, bd, xd = w.to(device), b.to(device), x.to(device)
+        maps = {}
         for backend in ("keops", "torch"):
             try:
-                t, pm = _timed(device, map_layer, wd, bd, xd, refine="none", backend=backend)
-                check = _same_pairs(pm, cpu_map)
+                t, maps[backend] = _timed(device, map_layer, wd, bd, xd, refine="none", backend=backend)
+                yield _row(case, gpu=backend, gpu_s=t)
             except Exception as err:
-                t, check = None, f"FAILED: {type(err).__name__}: {str(err)[:200]}"
-            rows.append(_row(f"N={n} d={d} M={m}", gpu=backend, gpu_s=t, cpu="auto", cpu_s=cpu_t, check=check))
-    return rows
+                yield _row(case, gpu=backend, check=f"FAILED: {type(err).__name__}: {str(err)[:200]}")
+        cpu_t, cpu_map = _timed("cpu", map_layer, w, b, x, refine="none", backend="auto")
+        yield _twin(case, "auto", cpu_t, {k: _same_pairs(pm, cpu_map) for k, pm in maps.items()})
 
 
 def section_transport(device: str, tiny: bool) -> list[dict[str, Any]]:
@@ -254,28 +278,32 @@ def section_fit(device: str, tiny: bool) -> list[dict[str, Any]]:
     ]
 
 
-def section_exact(device: str, tiny: bool) -> list[dict[str, Any]]:
+def section_exact(device: str, tiny: bool) -> Iterator[dict[str, Any]]:
     from lightning_swim import map_layer
     from lightning_swim.pairmap import REFINE
 
     if "exact" not in REFINE:
-        return [_row("skipped", check=f"map_layer(refine='exact') is not in this checkout (REFINE = {REFINE})")]
-    n, d, m = (60, 8, 8) if tiny else (1000, 64, 128)
+        yield _row("skipped", check=f"map_layer(refine='exact') is not in this checkout (REFINE = {REFINE})")
+        return
+    n, d, m = (60, 8, 8) if tiny else (1000, 64, 64)
+    case = f"N={n} d={d} M={m}"
     w, b, x = _layer(n, d, m)
+    wd, bd, xd = w.to(device), b.to(device), x.to(device)
+    maps = {}
+    for backend in ("auto", "keops", "torch"):  # the GPU first, as in the search
+        try:
+            map_layer(wd[:2], bd[:2], xd[:20], refine="exact", backend=backend)  # warm-up
+            t, maps[backend] = _timed(device, map_layer, wd, bd, xd, refine="exact", backend=backend)
+            yield _row(case, gpu=backend, gpu_s=t)
+        except Exception as err:
+            yield _row(case, gpu=backend, check=f"FAILED: {type(err).__name__}: {str(err)[:200]}")
     map_layer(w[:2], b[:2], x[:20], refine="exact", backend="auto")  # warm-up, CPU
     cpu_t, ref = _timed("cpu", map_layer, w, b, x, refine="exact", backend="auto")
-    rows = []
-    wd, bd, xd = w.to(device), b.to(device), x.to(device)
-    for backend in ("auto", "keops", "torch"):
-        try:
-            map_layer(wd[:2], bd[:2], xd[:20], refine="exact", backend=backend)
-            t, pm = _timed(device, map_layer, wd, bd, xd, refine="exact", backend=backend)
-            gap = float((pm.func_error.cpu() - ref.func_error).abs().max())
-            check = f"{_same_pairs(pm, ref)}, max error gap {gap:.1e}"
-        except Exception as err:
-            t, check = None, f"FAILED: {type(err).__name__}: {str(err)[:200]}"
-        rows.append(_row(f"N={n} d={d} M={m}", gpu=backend, gpu_s=t, cpu="auto", cpu_s=cpu_t, check=check))
-    return rows
+    checks = {}
+    for backend, pm in maps.items():
+        gap = float((pm.func_error.cpu() - ref.func_error).abs().max())
+        checks[backend] = f"{_same_pairs(pm, ref)}, max error gap {gap:.1e}"
+    yield _twin(case, "auto", cpu_t, checks)
 
 
 def section_tests(device: str, tiny: bool, timeout: float) -> list[dict[str, Any]]:
@@ -306,7 +334,7 @@ def section_tests(device: str, tiny: bool, timeout: float) -> list[dict[str, Any
         return [_row(" ".join(cmd[3:]), gpu=device, check=f"TIMED OUT after {timeout:.0f} s; last output: {tail!r}")]
 
 
-SECTION_FUNCTIONS: dict[str, Callable[[str, bool], list[dict[str, Any]]]] = {
+SECTION_FUNCTIONS: dict[str, Callable[[str, bool], Iterable[dict[str, Any]]]] = {
     "environment": section_environment,
     "search": section_search,
     "transport": section_transport,
@@ -318,6 +346,16 @@ SECTION_FUNCTIONS: dict[str, Callable[[str, bool], list[dict[str, Any]]]] = {
 # ---------------------------------------------------------------------------------------------- driver
 
 
+def run_section_here(name: str, device: str, tiny: bool) -> list[dict[str, Any]]:
+    """One timed section in this process, its rows merged."""
+    return merge_rows(list(SECTION_FUNCTIONS[name](device, tiny)))
+
+
+def _rows_of(stdout: str | bytes | None) -> list[dict[str, Any]]:
+    text = stdout.decode(errors="replace") if isinstance(stdout, bytes) else stdout or ""
+    return [json.loads(line[4:]) for line in text.splitlines() if line.startswith("ROW ")]
+
+
 def _run_section(name: str, device: str, tiny: bool, timeout: float) -> list[dict[str, Any]]:
     if name == "tests":
         return section_tests(device, tiny, timeout)
@@ -325,13 +363,14 @@ def _run_section(name: str, device: str, tiny: bool, timeout: float) -> list[dic
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     try:
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return [_row("", check=f"TIMED OUT after {timeout:.0f} s (section stopped; the others go on)")]
-    for line in reversed(out.stdout.strip().splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)["rows"]
-    err = (out.stderr.strip().splitlines() or ["no output"])[-1]
-    return [_row("", check=f"FAILED (exit {out.returncode}): {err[:300]}")]
+    except subprocess.TimeoutExpired as err:  # the rows printed so far, and why the others are missing
+        rows = _rows_of(err.stdout)
+        return [*merge_rows(rows), _row("", check=f"TIMED OUT after {timeout:.0f} s (section stopped here)")]
+    rows = _rows_of(out.stdout)
+    if out.returncode != 0:
+        err = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        rows.append(_row("", check=f"FAILED (exit {out.returncode}): {err[:300]}"))
+    return merge_rows(rows)
 
 
 def _fmt(s: float | None) -> str:
@@ -372,13 +411,14 @@ def main() -> None:
     os.environ.setdefault("KEOPS_VERBOSE", "0")
     os.environ.setdefault("PYKEOPS_VERBOSE", "0")
 
-    if args.section:  # a child process: one section, one JSON line
+    if args.section:  # a child process: one section, a JSON line per row as soon as it is measured
         try:
-            rows = SECTION_FUNCTIONS[args.section](args.device, args.tiny)
+            for row in SECTION_FUNCTIONS[args.section](args.device, args.tiny):
+                print("ROW " + json.dumps(row), flush=True)
         except Exception as err:
-            trace = traceback.format_exc().strip().splitlines()[-3:]
-            rows = [_row("", check=f"FAILED: {type(err).__name__}: {str(err)[:200]} ({' | '.join(trace)[:300]})")]
-        print(json.dumps({"rows": rows}))
+            trace = " | ".join(traceback.format_exc().strip().splitlines()[-3:])[:300]
+            row = _row("", check=f"FAILED: {type(err).__name__}: {str(err)[:200]} ({trace})")
+            print("ROW " + json.dumps(row), flush=True)
         return
 
     import torch

@@ -9,7 +9,13 @@ GEMM per block of anchors, ``G = X[rows] Xᵀ``, computed by PyTorch, and does o
     \min_j\ A_{ij} + R_{ij} (a_{im} + b_{jm}) + K_{ij} g_m,
 
 one add, two multiply-adds and a min per ``(i, j, m)``, with four anchors sharing each load of ``b_j``
-and tiles of partners whose factors stay in L1.
+and tiles of partners that stay in L2 while 32 anchors use them.
+
+Measured on one core of a 2-core AMD EPYC (AVX-512), in ns per ``(i, j, m)``: this kernel 0.02-0.04
+(N = 2,000-20,000), the GEMM of the distances 0.06-0.07 at d = 784, KeOps' per-neuron part 0.08 and
+its ``sqdist`` another 0.24 at d = 784; ``torch.compile`` (inductor's C++ for the same
+elementwise-and-min block, compiled in 3-5 s) 0.14-0.19, and a KeOps formula fed precomputed pair
+factors through one-hot selections 0.3-1.6: neither is used.
 
 It is compiled once per machine with the system's C++ compiler (``$CXX``, else ``g++``, ``c++`` or
 ``clang++``), with ``-march=native`` and OpenMP where they work, into
@@ -89,17 +95,19 @@ def _build(cache: Path) -> Path:
     except (OSError, subprocess.SubprocessError) as err:
         raise CpuKernelUnavailableError(f"the C++ compiler {cxx} does not run: {err}") from err
     source = SOURCE.read_bytes()
-    errors = []
-    # the fastest flags first; every variant computes the same numbers
+    variants = []  # the fastest flags first; every variant computes the same numbers
     for extra in (("-march=native", "-fopenmp"), ("-fopenmp",), ("-march=native",), ()):
         flags = (*BASE_FLAGS, *extra)
         key = hashlib.sha1(b"\0".join([source, cxx.encode(), version.encode(), " ".join(flags).encode()]))
         if "-march=native" in extra:
             key.update(_processor_id().encode())
-        lib = cache / f"pair_rowmin-{key.hexdigest()[:16]}.so"
+        variants.append((extra, flags, cache / f"pair_rowmin-{key.hexdigest()[:16]}.so"))
+    for _, _, lib in variants:
         if lib.exists():
             return lib
-        cache.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for extra, flags, lib in variants:
         fd, tmp = tempfile.mkstemp(dir=cache, prefix=".building-", suffix=".so")
         os.close(fd)
         try:
@@ -107,7 +115,9 @@ def _build(cache: Path) -> Path:
             if out.returncode == 0:
                 os.replace(tmp, lib)  # atomic: other processes see the whole library or none
                 return lib
-            errors.append(f"{' '.join(extra) or 'plain'}: {(out.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+            lines = out.stderr.strip().splitlines() or ["no message"]
+            first_error = next((ln for ln in lines if "error" in ln.lower()), lines[-1])
+            errors.append(f"{' '.join(extra) or 'plain'}: {first_error[:200]}")
         except (OSError, subprocess.SubprocessError) as err:
             errors.append(f"{' '.join(extra) or 'plain'}: {err}")
         finally:

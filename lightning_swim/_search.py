@@ -19,9 +19,10 @@ its best partner ``j`` (the *row minimum*):
 
 - the compiled CPU kernel (:mod:`lightning_swim._cpu_kernel`): distances from one GEMM per block of
   anchors (PyTorch), then the per-neuron work with four anchors sharing each load (what ``"auto"`` and
-  ``"torch"`` run on a CPU; about 0.7x the FLOP floor at N = 20,000, d = 784, M = 256, against 2.2x
-  for KeOps, whose per-pair ``sqdist`` runs at a fraction of the GEMM rate on a CPU:
-  ``benchmarks/bench_pair_search.py``);
+  ``"torch"`` run on a CPU). At N = 20,000, d = 784, M = 256 on a 2-core AMD EPYC (AVX-512) it took
+  0.9-1.1x the FLOP floor (15 flops per pair and neuron at the GEMM rate measured in the same run),
+  KeOps 2.1x (its per-pair ``sqdist`` runs at a fraction of the GEMM rate on a CPU), plain PyTorch
+  3.4x (``benchmarks/bench_pair_search.py``);
 - ``keops``: a symbolic ``(N, N, Mc)`` LazyTensor, ``i`` and ``j`` over points, the last axis a chunk
   of ``Mc`` neurons (64 or 256), with the squared distance written as ``sqdist`` and factorised so that g++
   vectorises it and computes it once per pair (a ``|``-dot-product accumulates through a serial

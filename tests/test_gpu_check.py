@@ -33,7 +33,7 @@ def gpu_check():
     ],
 )
 def test_each_timed_section_runs_on_the_cpu(gpu_check, name):
-    rows = gpu_check.SECTION_FUNCTIONS[name]("cpu", True)
+    rows = gpu_check.run_section_here(name, "cpu", True)
     assert rows
     for row in rows:
         assert "FAILED" not in row["check"], row
@@ -46,6 +46,24 @@ def test_each_timed_section_runs_on_the_cpu(gpu_check, name):
         from lightning_swim.pairmap import REFINE
 
         assert ("exact" in REFINE) == (rows[0]["case"] != "skipped")
+
+
+def test_twin_rows_fill_the_cpu_columns(gpu_check):
+    rows = [
+        gpu_check._row("N=5", gpu="keops", gpu_s=0.5),
+        gpu_check._row("N=5", gpu="torch", check="FAILED: x"),
+        gpu_check._row("N=6", gpu="keops", gpu_s=0.1),
+        gpu_check._twin("N=5", "auto", 2.0, {"keops": "same pairs", "torch": "ignored: it has a check"}),
+        gpu_check._twin("N=7", "auto", 1.0, {}),
+    ]
+    merged = gpu_check.merge_rows(rows)
+    assert [(r["case"], r["gpu"], r["cpu_s"], r["check"]) for r in merged] == [
+        ("N=5", "keops", 2.0, "same pairs"),
+        ("N=5", "torch", 2.0, "FAILED: x"),
+        ("N=6", "keops", None, ""),
+        ("N=7", "", 1.0, ""),  # a twin without rows stays
+    ]
+    assert all("twin_checks" not in r for r in merged)
 
 
 def test_table_has_a_line_per_row_and_the_ratio(gpu_check):
