@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from test_pairmap import brute_force_costs, random_layer
+from test_pairmap import brute_force_costs, check_flags, random_layer, to_frame
 
 from lightning_swim import _cpu_kernel, _search, map_layer
 from lightning_swim._cpu_kernel import CpuKernelUnavailableError
@@ -53,9 +53,10 @@ class TestRowMinima:
     @pytest.mark.parametrize("which", ENGINES)
     def test_brute_force_with_duplicates_and_many_tiles(self, which, name):
         # 523 + 12 points: several 512-partner tiles and 4-anchor blocks with remainders; 37 neurons:
-        # a partial register block; duplicates and a near-duplicate
+        # a partial register block; duplicates and a near-duplicate (1e-5 apart: its distance must be
+        # recomputed, and the cancellation in |x_i|^2 - |x_j|^2, common to all engines, stays below 1e-9)
         w, b, x = random_layer(523, 3, 37, seed=12, duplicates=12)
-        x = torch.cat([x, x[:1] + 1e-7])
+        w, b, x = to_frame(w, b, torch.cat([x, x[:1] + 1e-5]))  # the brute force works in map_layer's frame
         fam, v, gamma, c0 = terms(w, b, x, name)
         got = engine(which)(x, v, gamma, fam, 2**16)  # a small budget: many row blocks
         if name not in _BRUTE:
@@ -156,14 +157,15 @@ class TestDevices:
 
     @pytest.mark.parametrize("backend", ["torch", pytest.param("keops", marks=pytest.mark.keops)])
     def test_matches_brute_force(self, device, backend):
-        w, b, x = random_layer(40, 4, 9, seed=13, duplicates=3)
+        w, b, x = random_layer(40, 4, 9, seed=13)  # no duplicates: coincident partners tie in cost
         pm = map_layer(w.to(device), b.to(device), x.to(device), refine="none", backend=backend)
         costs = brute_force_costs(w, b, x, "relu").reshape(len(w), -1)
         flat = costs.argmin(1)
         assert pm.idx_from.device.type == device
-        assert pm.idx_from.cpu().tolist() == (flat // len(x)).tolist()
-        assert pm.idx_to.cpu().tolist() == (flat % len(x)).tolist()
-        torch.testing.assert_close(pm.param_cost.cpu(), costs.amin(1), rtol=1e-9, atol=1e-9)
+        ok = check_flags(pm.to("cpu"), w, b, x, "relu")
+        assert pm.idx_from.cpu()[ok].tolist() == (flat // len(x))[ok].tolist()
+        assert pm.idx_to.cpu()[ok].tolist() == (flat % len(x))[ok].tolist()
+        torch.testing.assert_close(pm.param_cost.cpu()[ok], costs.amin(1)[ok], rtol=1e-9, atol=1e-9)
 
     @pytest.mark.keops
     @pytest.mark.parametrize("dtype", [torch.float32, F64])
@@ -179,4 +181,4 @@ class TestDevices:
         here = map_layer(w.to(device), b.to(device), x.to(device), top_k=8, backend="auto")
         cpu = map_layer(w, b, x, top_k=8, backend="torch")
         assert torch.equal(here.idx_from.cpu(), cpu.idx_from) and torch.equal(here.idx_to.cpu(), cpu.idx_to)
-        torch.testing.assert_close(here.func_error.cpu(), cpu.func_error)
+        torch.testing.assert_close(here.func_error.cpu(), cpu.func_error, equal_nan=True)  # NaN: dead neurons
