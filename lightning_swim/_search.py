@@ -12,18 +12,32 @@ normalised cost) and :math:`\rho = D^{-1}`, :math:`\alpha = s_1^2`, :math:`\kapp
 Pairs of coincident points (``i == j`` and duplicates) are excluded.
 
 Everything d-dimensional is neuron-independent: one ``[N, M]`` projection and, per pair, one squared
-distance, after which a neuron costs a handful of flops per pair. Two backends compute, for every
-anchor ``i`` and neuron ``m``, the cost of its best partner ``j`` (the *row minimum*):
+distance (a GEMM), after which a neuron costs a handful of flops per pair: with the pair factors of
+:func:`_cost_terms`, one add, two multiply-adds and a min per ``(i, j, m)``, about 15 flops in all
+with the factors' share. Three engines compute, for every anchor ``i`` and neuron ``m``, the cost of
+its best partner ``j`` (the *row minimum*):
 
+- the compiled CPU kernel (:mod:`lightning_swim._cpu_kernel`): distances from one GEMM per block of
+  anchors (PyTorch), then the per-neuron work with four anchors sharing each load (what ``"auto"`` and
+  ``"torch"`` run on a CPU). At N = 20,000, d = 784, M = 256 on a 2-core AMD EPYC (AVX-512) it took
+  0.9-1.1x the FLOP floor (15 flops per pair and neuron at the GEMM rate measured in the same run),
+  KeOps 2.1x (its per-pair ``sqdist`` runs at a fraction of the GEMM rate on a CPU), plain PyTorch
+  3.4x (``benchmarks/bench_pair_search.py``);
 - ``keops``: a symbolic ``(N, N, Mc)`` LazyTensor, ``i`` and ``j`` over points, the last axis a chunk
   of ``Mc`` neurons (64 or 256), with the squared distance written as ``sqdist`` and factorised so that g++
   vectorises it and computes it once per pair (a ``|``-dot-product accumulates through a serial
-  ``fma`` chain and runs 10x slower on a CPU);
-- ``torch``: the same formula on ``[Bi, N, Mc]`` blocks, bounded by ``max_memory``.
+  ``fma`` chain and runs 10x slower on a CPU); the engine of ``"auto"`` on a GPU;
+- plain PyTorch on ``[Bi, N, Mc]`` blocks, bounded by ``max_memory`` (GPUs under ``"torch"``, and every
+  device where nothing compiles).
 
 Only the minima are reduced (no argmin): the exact top-k pairs of a neuron lie in its ``k`` anchors of
 smallest row minimum (a pair cheaper than the k-th smallest row minimum has an anchor whose row
-minimum is cheaper still), so a second step, shared by both backends, scans those ``k`` rows in full.
+minimum is cheaper still), so a second step, shared by all engines, scans those ``k`` rows in full.
+
+The anchor lower bound of DESIGN.md §2, ``cost_ij >= s_i^2 / (1 + |x_i|^2)``, would let an exact
+search skip the anchors whose bound exceeds the best cost found; on the benchmark's data (uniform in
+``[0, 1]^d``, hyperplanes through the data) and on digits it skips none, as ``|x_i|^2`` is large
+next to the costs (``bench_pair_search.py`` prints the share), so no engine uses it.
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_swim._cpu_kernel import NEURON_PAD, CpuKernel, CpuKernelUnavailableError, load_cpu_kernel
 from lightning_swim._keops import KeOpsUnavailableError, pykeops_torch
 from lightning_swim.activations import Activation
 
@@ -93,17 +108,36 @@ def duplicate_groups(x: Tensor) -> Tensor:
     return torch.unique(x, dim=0, return_inverse=True)[1]
 
 
-def _d2_rows(x: Tensor, sq: Tensor, rows: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Squared distances from ``x[rows]`` to every point, ``[R, N]``, and the mask of excluded pairs.
+class _Distances:
+    r"""Squared distances by GEMM, guarded against cancellation.
 
-    One GEMM gives :math:`|x_i|^2 + |x_j|^2 - 2\langle x_i, x_j\rangle`; where that cancels below the
-    rounding of its terms (close points far from the origin), the distance is recomputed from the
-    difference, so that near-duplicates keep a true, positive distance (as KeOps' ``sqdist`` gives).
+    Distances do not move with the origin, so the GEMM runs on the centred points ``y = x - mean(x)``:
+    :math:`D_{ij} = |y_i|^2 + |y_j|^2 - 2\langle y_i, y_j\rangle`, whose rounding error is about
+    :math:`8 \sqrt{d}\, \epsilon\, (|y_i|^2 + |y_j|^2)`. Where that could exceed :math:`\sqrt{\epsilon}\, D_{ij}`
+    (close points: near-duplicates), the distance is recomputed from the difference of the original
+    coordinates, so that every distance keeps at least half the digits of the dtype and
+    near-duplicates a true, positive distance (as KeOps' ``sqdist`` gives).
     """
-    norms = sq[rows, None] + sq[None, :]
-    d2 = norms - 2.0 * (x[rows] @ x.T)
+
+    def __init__(self, x: Tensor, groups: Tensor | None = None) -> None:
+        self.x = x
+        self.y = x - x.mean(0)
+        self.sqy = (self.y * self.y).sum(1)
+        self.groups = duplicate_groups(x) if groups is None else groups
+        self.tol = _recompute_below(x)
+
+    def rows(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Squared distances from ``x[rows]`` to every point, ``[R, N]``, and the mask of excluded pairs
+        (coincident points, whose distance is set to 1)."""
+        return _guarded_d2(self.x, self.y, self.sqy, rows, self.groups, self.tol)
+
+
+def _guarded_d2(x: Tensor, y: Tensor, sqy: Tensor, rows: Tensor, groups: Tensor, tol: float) -> tuple[Tensor, Tensor]:
+    """:meth:`_Distances.rows` for the GEMM points ``y`` (``x`` translated) and their ``sqy = |y|^2``."""
+    norms = sqy[rows, None] + sqy[None, :]
+    d2 = norms - 2.0 * (y[rows] @ y.T)
     bad = groups[rows, None] == groups[None, :]
-    unsure = (d2 <= 8 * x.shape[1] ** 0.5 * torch.finfo(x.dtype).eps * norms) & ~bad
+    unsure = (d2 <= tol * norms) & ~bad
     if bool(unsure.any()):
         r, c = unsure.nonzero(as_tuple=True)
         step = max(1, 2**24 // x.shape[1])
@@ -113,39 +147,137 @@ def _d2_rows(x: Tensor, sq: Tensor, rows: Tensor, groups: Tensor) -> tuple[Tenso
     return d2.masked_fill(bad, 1.0), bad
 
 
-def rowmin_torch(x: Tensor, v: Tensor, gamma: Tensor, fam: Family, *, max_memory: int) -> Tensor:
-    r"""Row minima ``[N, M]`` on ``[Bi, N, Mc]`` blocks of at most ``max_memory`` bytes.
+def _d2_rows(x: Tensor, sq: Tensor, rows: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
+    """:meth:`_Distances.rows` with the GEMM on ``x`` itself (``sq = |x|^2``), for callers that keep
+    ``sq`` and ``groups``: points already centred lose nothing."""
+    return _guarded_d2(x, x, sq, rows, groups, _recompute_below(x))
 
-    The cost expands into one term that couples ``j`` with the neuron and a rank-3 product:
-    :math:`f = -2 \rho_{ij} v_{jm} + P_{ij} \cdot Q_{im} + \gamma_m^2` with
-    :math:`P = (\rho, t\rho, \kappa^2 (t\rho)^2 + \alpha\rho)` and :math:`Q = (2 v_{im}, -2\kappa\gamma_m, 1)`,
-    so a block costs one broadcast product and one ``baddbmm``.
+
+def _recompute_below(x: Tensor) -> float:
+    """Relative size (of ``|y_i|^2 + |y_j|^2``) below which a GEMM-based squared distance is recomputed."""
+    return 8 * x.shape[1] ** 0.5 * torch.finfo(x.dtype).eps ** 0.5
+
+
+def _cost_terms(v: Tensor, gamma: Tensor, fam: Family, multiple: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    r"""The neuron factors of the expanded cost, neurons zero-padded to a multiple of ``multiple``.
+
+    .. math::
+        f_{ijm} = A_{ij} + R_{ij} (a_{im} + b_{jm}) + K_{ij} g_m + \gamma_m^2,\qquad
+        A = K^2 + \alpha\rho,\ R = \rho,\ K = \kappa t\rho,\ a = 2v,\ b = -2v,\ g = -2\gamma,
+
+    one add, two multiply-adds and a min per ``(i, j, m)`` once the pair factors are known; the
+    row minima leave out the constant :math:`\gamma_m^2`. Returns ``(a, b [N, Mp], g [Mp])``.
     """
+    a, b, g = 2.0 * v, -2.0 * v, -2.0 * gamma[None, :]
+    return _pad_cols(a, multiple).contiguous(), _pad_cols(b, multiple).contiguous(), _pad_cols(g, multiple)[0]
+
+
+def _pair_factors(fam: Family, d2: Tensor, bad: Tensor, sq_i: Tensor, sq_j: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(A, R, K)`` of :func:`_cost_terms` for the pairs of ``d2`` (``A = inf`` on excluded pairs)."""
+    rho, ktr = _pair_terms(fam, d2, sq_i, sq_j)
+    A = ktr * ktr + fam.alpha * rho
+    return A.masked_fill_(bad, float("inf")), rho, ktr
+
+
+def _row_blocks(n: int, rows_per_block: int) -> list[tuple[int, int]]:
+    step = max(1, min(n, rows_per_block))
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+def rowmin_torch(x: Tensor, v: Tensor, gamma: Tensor, fam: Family, *, max_memory: int, kernel: bool = True) -> Tensor:
+    r"""Row minima ``[N, M]`` from one GEMM per block of anchors, then the per-neuron work.
+
+    Squared distances come from a GEMM of the centred points (recomputed from the coordinates where
+    that cancels, see :class:`_Distances`); the per-neuron work is the expansion of :func:`_cost_terms`.
+    On a CPU, in float32 and float64, with ``kernel=True``, it runs in the compiled kernel of
+    :mod:`lightning_swim._cpu_kernel` (GEMM blocks of at most ``max_memory / 2`` bytes) if that builds,
+    else in plain PyTorch on ``[Bi, N, Mc]`` blocks of at most ``max_memory`` bytes.
+    """
+    if kernel and _kernel_fits(x):
+        try:
+            compiled = cpu_kernel()
+        except CpuKernelUnavailableError:
+            pass
+        else:
+            return _rowmin_kernel(compiled, x, v, gamma, fam, max_memory=max_memory)
+    return _rowmin_eager(x, v, gamma, fam, max_memory=max_memory)
+
+
+def _rowmin_eager(x: Tensor, v: Tensor, gamma: Tensor, fam: Family, *, max_memory: int) -> Tensor:
     N, M = v.shape
     sq = (x * x).sum(1)
-    groups = duplicate_groups(x)
+    dist = _Distances(x)
+    a, b, g = _cost_terms(v, gamma, fam)
     mc = min(M, 64)
-    bi = max(1, min(N, max_memory // (x.element_size() * N * (3 * mc + 12))))
+    b_chunks = [b[:, c : c + mc].contiguous() for c in range(0, M, mc)]
+    per_block = max(1, min(N, max_memory // (x.element_size() * N * (mc + 12))))
+    nj = N
+    if x.device.type == "cpu":  # [Bi, Nj, Mc] blocks of ~2^22 costs in one reused buffer, within the caches
+        per_block = min(per_block, 64)
+        nj = max(256, 2**22 // (per_block * mc))
+    buf = torch.empty(per_block, min(nj, N), mc, dtype=x.dtype, device=x.device)
     fmin = torch.empty(N, M, dtype=x.dtype, device=x.device)
-    for start in range(0, N, bi):
-        rows = torch.arange(start, min(N, start + bi), device=x.device)
-        d2, bad = _d2_rows(x, sq, rows, groups)
-        rho = fam.rho(d2)
-        trho = 0.5 * (sq[rows, None] - sq[None, :] + d2) * rho
-        p = torch.stack([rho, trho, fam.kappa**2 * trho * trho + fam.alpha * rho], dim=2)  # [Bi, N, 3]
-        for c in range(0, M, mc):
-            g = gamma[c : c + mc]
-            q = torch.stack(
-                [
-                    2.0 * v[rows, c : c + mc],
-                    (-2.0 * fam.kappa * g).expand(len(rows), -1),
-                    torch.ones_like(v[rows, c : c + mc]),
-                ],
-                dim=1,
-            )  # [Bi, 3, Mc]
-            f = torch.baddbmm(-2.0 * rho[:, :, None] * v[None, :, c : c + mc], p, q)
-            fmin[rows, c : c + mc] = f.masked_fill_(bad[:, :, None], float("inf")).amin(dim=1) + g * g
-    return fmin
+    for start, stop in _row_blocks(N, per_block):
+        rows = torch.arange(start, stop, device=x.device)
+        d2, bad = dist.rows(rows)
+        A, R, K = (t[:, :, None] for t in _pair_factors(fam, d2, bad, sq[rows, None], sq[None, :]))
+        for c, b_c in zip(range(0, M, mc), b_chunks, strict=True):
+            out = fmin[start:stop, c : c + mc]
+            for j0 in range(0, N, nj):
+                js = slice(j0, j0 + nj)
+                f = buf[: stop - start, : min(nj, N - j0), : b_c.shape[1]]
+                torch.add(a[start:stop, None, c : c + mc], b_c[None, js], out=f)  # [Bi, Nj, Mc]
+                f.mul_(R[:, js]).add_(A[:, js]).addcmul_(K[:, js], g[c : c + mc])
+                if j0 == 0:
+                    torch.amin(f, dim=1, out=out)
+                else:
+                    torch.minimum(out, f.amin(dim=1), out=out)
+    return fmin + gamma * gamma
+
+
+def _rowmin_kernel(kern: CpuKernel, x: Tensor, v: Tensor, gamma: Tensor, fam: Family, *, max_memory: int) -> Tensor:
+    N, M = v.shape
+    x = x.contiguous()
+    sq = (x * x).sum(1)
+    dist = _Distances(x)
+    a, b, g = _cost_terms(v, gamma, fam, NEURON_PAD)
+    consts = (fam.kappa, fam.alpha, fam.homogeneous, dist.tol)
+    fmin = torch.empty(N, a.shape[1], dtype=x.dtype)
+    # a few hundred anchors per GEMM: fast GEMMs; the kernel reads each Gram entry once
+    per_block = min(512, max(4, max_memory // (2 * x.element_size() * N)))
+    for start, stop in _row_blocks(N, per_block):
+        gram = dist.y[start:stop] @ dist.y.T
+        kern.rowmin_block(gram, start, x, sq, dist.sqy, dist.groups, a, b, g, consts, fmin[start:stop])
+    return fmin[:, :M] + gamma * gamma
+
+
+_kernel_checked: dict[str, bool] = {}
+
+
+def cpu_kernel() -> CpuKernel:
+    """The compiled CPU kernel, checked once against plain PyTorch on a small problem.
+
+    Raises:
+        CpuKernelUnavailableError: where it is turned off, cannot be built, or computes wrong numbers.
+    """
+    kern = load_cpu_kernel()
+    if "ok" not in _kernel_checked:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(23, 5, generator=g, dtype=torch.float64)
+        x = torch.cat([x, x[:3], x[:1] + 1e-9])  # duplicates and a near-duplicate
+        v, gamma = torch.randn(len(x), 37, generator=g, dtype=torch.float64), torch.randn(37, generator=g)
+        ok = True
+        for dtype in (torch.float32, torch.float64):
+            for fam in (Family(True, 0.0, 1.0), Family(False, 1.2, 1.1)):
+                xs, vs, gs = x.to(dtype), v.to(dtype), gamma.to(dtype)
+                got = _rowmin_kernel(kern, xs, vs, gs, fam, max_memory=4096)
+                want = _rowmin_eager(xs, vs, gs, fam, max_memory=2**20)
+                tol = 1e-3 if dtype == torch.float32 else 1e-9
+                ok &= bool(torch.allclose(got, want, rtol=tol, atol=tol))
+        _kernel_checked["ok"] = ok
+    if not _kernel_checked["ok"]:
+        raise CpuKernelUnavailableError(f"the CPU kernel {kern.path} disagrees with PyTorch on a small test problem")
+    return kern
 
 
 def _pad_cols(t: Tensor, multiple: int) -> Tensor:
@@ -161,39 +293,40 @@ def keops_neuron_chunk(M: int) -> int:
 def rowmin_keops(x: Tensor, v: Tensor, gamma: Tensor, fam: Family) -> Tensor:
     """Row minima ``[N, M]`` with KeOps ``Min`` reductions over ``j``.
 
-    KeOps' CPU kernel sweeps every ``j`` for each ``i``; past the last-level cache that sweep is
-    bound by memory bandwidth. The ``j`` axis is therefore cut into blocks of about 4 MB (measured
-    at N = 8,000, d = 784: 4.8 s in blocks of 1,024 against 8.6 s unblocked) and the block minima
-    combined in torch.
+    The pair factors are scalars computed once per ``(i, j)`` from ``sqdist`` (the per-neuron part is
+    the expansion of :func:`_cost_terms`). KeOps' CPU kernel sweeps every ``j`` for each ``i``; past
+    the last-level cache that sweep is bound by memory bandwidth. The ``j`` axis is therefore cut
+    into blocks of about 4 MB (measured at N = 8,000, d = 784: 4.8 s in blocks of 1,024 against
+    8.6 s unblocked) and the block minima combined in torch.
     """
     LazyTensor = pykeops_torch().LazyTensor
     N, M = v.shape
     xp = _pad_cols(x, KEOPS_DIM_MULTIPLE).contiguous()
     sq = (x * x).sum(1, keepdim=True)
     mc = keops_neuron_chunk(M)
-    vp, gp = _pad_cols(v, mc), _pad_cols(gamma[None, :], mc)[0]
+    a, b, g = _cost_terms(v, gamma, fam, mc)
     block = max(256, (4 * 2**20) // ((xp.shape[1] + mc) * x.element_size()))
     # the family's constants are parameters, not literals: one formula serves every activation
     consts = torch.tensor([1.0 if fam.homogeneous else -1.0, fam.kappa, fam.alpha], dtype=x.dtype, device=x.device)
     homogeneous, kappa, alpha = (LazyTensor(consts[k : k + 1].view(1, 1, 1)) for k in range(3))
     x_i, sq_i = LazyTensor(xp[:, None, :]), LazyTensor(sq[:, None, :])
-    fmin = torch.full((N, vp.shape[1]), float("inf"), dtype=x.dtype, device=x.device)
+    fmin = torch.full((N, a.shape[1]), float("inf"), dtype=x.dtype, device=x.device)
     for c in range(0, M, mc):
-        v_c = vp[:, c : c + mc].contiguous()
-        v_i = LazyTensor(v_c[:, None, :])
-        g = LazyTensor(gp[None, None, c : c + mc].contiguous())
+        a_i = LazyTensor(a[:, None, c : c + mc].contiguous())
+        g_c = LazyTensor(g[None, None, c : c + mc].contiguous())
+        b_c = b[:, c : c + mc].contiguous()
         for s in range(0, N, block):
             x_j, sq_j = LazyTensor(xp[None, s : s + block]), LazyTensor(sq[None, s : s + block])
-            v_j = LazyTensor(v_c[None, s : s + block])
+            b_j = LazyTensor(b_c[None, s : s + block])
             d2 = x_i.sqdist(x_j)
             bad = (-d2).step()  # 1 exactly for coincident points, whose squared distance is exactly 0
             d2safe = d2 + bad
             rho = homogeneous.ifelse(d2safe.rsqrt(), 1.0 / d2safe)
-            t = 0.5 * (sq_i - sq_j + d2safe)
-            f = alpha * rho - 2.0 * (v_j - v_i) * rho + (kappa * t * rho - g) ** 2 + _BIG * bad
-            f = f.factorize(rho).factorize(d2)
+            ktr = kappa * (0.5 * (sq_i - sq_j + d2safe)) * rho
+            A = ktr * ktr + alpha * rho + _BIG * bad
+            f = (A + rho * (a_i + b_j) + ktr * g_c).factorize(rho).factorize(d2)
             torch.minimum(fmin[:, c : c + mc], f.min(dim=1), out=fmin[:, c : c + mc])
-    return fmin[:, :M]
+    return fmin[:, :M] + gamma * gamma
 
 
 def warn_fallback(err: Exception, what: str, *, stacklevel: int = 4) -> None:
@@ -209,23 +342,59 @@ def warn_fallback(err: Exception, what: str, *, stacklevel: int = 4) -> None:
 
 
 def rowmin(x: Tensor, v: Tensor, gamma: Tensor, fam: Family, *, backend: str, max_memory: int) -> tuple[Tensor, str]:
-    """Row minima ``[N, M]`` and the backend that computed them.
+    """Row minima ``[N, M]`` and the engine that computed them (``"cpu-kernel"``, ``"keops"`` or ``"torch"``).
 
-    ``"auto"`` falls back to torch, with one warning, if KeOps is unavailable or fails to compile.
+    - ``"keops"``: KeOps, or :class:`KeOpsUnavailableError`;
+    - ``"torch"``: :func:`rowmin_torch`, in the compiled CPU kernel on a CPU where it builds;
+    - ``"auto"``: on a CPU the compiled kernel (faster than KeOps on a CPU at every size measured by
+      ``benchmarks/bench_pair_search.py``), else KeOps; on a GPU KeOps. Where neither works, plain
+      PyTorch, with one warning.
     """
-    if backend in ("auto", "keops"):
+    if backend == "torch":
+        return rowmin_torch(x, v, gamma, fam, max_memory=max_memory), _torch_engine(x)
+    reasons = []
+    if backend == "auto" and _kernel_fits(x):
         try:
-            return rowmin_keops(x, v, gamma, fam), "keops"
-        except Exception as err:  # KeOps unavailable, or failing to compile or load a formula
-            if backend == "keops":
-                if isinstance(err, KeOpsUnavailableError):
-                    raise
-                raise KeOpsUnavailableError(
-                    f"KeOps failed on the pair search ({type(err).__name__}: {err}). Use backend='torch' or "
-                    "backend='auto' to run without it."
-                ) from err
-            warn_fallback(err, "pair search", stacklevel=4)
-    return rowmin_torch(x, v, gamma, fam, max_memory=max_memory), "torch"
+            kern = cpu_kernel()
+        except CpuKernelUnavailableError as err:
+            reasons.append(f"compiled CPU kernel: {err}")
+        else:
+            return _rowmin_kernel(kern, x, v, gamma, fam, max_memory=max_memory), "cpu-kernel"
+    try:
+        return rowmin_keops(x, v, gamma, fam), "keops"
+    except Exception as err:  # KeOps unavailable, or failing to compile or load a formula
+        if backend == "keops":
+            if isinstance(err, KeOpsUnavailableError):
+                raise
+            raise KeOpsUnavailableError(
+                f"KeOps failed on the pair search ({type(err).__name__}: {err}). Use backend='torch' or "
+                "backend='auto' to run without it."
+            ) from err
+        reasons.append(f"KeOps: {type(err).__name__}: {str(err)[:200]}")
+    if not _warned["keops"]:
+        _warned["keops"] = True
+        warnings.warn(
+            f"KeOps is not usable here ({'; '.join(reasons)}); the pair search runs on the plain-PyTorch backend "
+            "instead (same results, slower on large probe sets).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return _rowmin_eager(x, v, gamma, fam, max_memory=max_memory), "torch"
+
+
+def _kernel_fits(x: Tensor) -> bool:
+    """Whether the compiled CPU kernel serves these points: on the CPU, in float32 or float64."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+
+
+def _torch_engine(x: Tensor) -> str:
+    if not _kernel_fits(x):
+        return "torch"
+    try:
+        cpu_kernel()
+    except CpuKernelUnavailableError:
+        return "torch"
+    return "cpu-kernel"
 
 
 def topk_pairs(
@@ -247,7 +416,7 @@ def topk_pairs(
     # anchors in order of row minimum; a stable sort keeps the smaller index first among equals
     order = torch.sort(fmin.T, dim=1, stable=True).indices  # [M, N]
     sq = (x * x).sum(1)
-    groups = duplicate_groups(x)
+    dist = _Distances(x)
     n_anchor = min(k, N)
     out_i = torch.empty(M, k, dtype=torch.long, device=x.device)
     out_j = torch.empty_like(out_i)
@@ -255,7 +424,7 @@ def topk_pairs(
     block = max(1, 2**22 // (n_anchor * N))  # neurons at a time: [block, n_anchor, N] costs of ~4M entries
     table = None
     if N * N <= 2**22:  # small probe sets: the pair factors of all N^2 pairs once, gathered per neuron
-        d2_all, bad_all = _d2_rows(x, sq, torch.arange(N, device=x.device), groups)
+        d2_all, bad_all = dist.rows(torch.arange(N, device=x.device))
         table = (*_pair_terms(fam, d2_all, sq[:, None], sq[None, :]), bad_all)
     for m0 in range(0, M, block):
         ms = torch.arange(m0, min(m0 + block, M), device=x.device)
@@ -264,7 +433,7 @@ def topk_pairs(
         if table is not None:
             rho, ktr, bad = (t[flat].view(shape) for t in table)
         else:
-            d2, bad = (t.view(shape) for t in _d2_rows(x, sq, flat, groups))
+            d2, bad = (t.view(shape) for t in dist.rows(flat))
             rho, ktr = _pair_terms(fam, d2, sq[anchors][..., None], sq[None, None, :])
         v_i = v[anchors, ms[:, None], None]
         f = _f_terms(fam, rho, ktr, v_i, v.T[ms][:, None, :], gamma[ms, None, None])

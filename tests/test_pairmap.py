@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_swim import ACTIVATIONS, PairMap, map_layer, swim_neurons
+from lightning_swim._cpu_kernel import CpuKernelUnavailableError
 from lightning_swim._keops import KeOpsUnavailableError
 from lightning_swim.activations import get_activation
 
@@ -270,7 +271,11 @@ class TestKeOpsFallback:
         def broken(*args, **kwargs):
             raise KeOpsUnavailableError("no compiler here")
 
+        def no_kernel():
+            raise CpuKernelUnavailableError("no compiler here")
+
         monkeypatch.setattr(_search, "rowmin_keops", broken)
+        monkeypatch.setattr(_search, "cpu_kernel", no_kernel)  # on a CPU, "auto" tries the compiled kernel first
         monkeypatch.setitem(_search._warned, "keops", False)
         w, b, x = random_layer(30, 3, 4, seed=11)
         reference = map_layer(w, b, x, backend="torch", refine="function")

@@ -1,0 +1,186 @@
+// Row minima of the pair-map cost for a block of anchors, on the CPU (lightning_swim/_cpu_kernel.py).
+//
+// For anchors i = row0 .. row0 + nrows - 1, every partner j and every neuron m:
+//
+//     out[i, m] = min_j  A_ij + R_ij (a_im + b_jm) + K_ij g_m
+//
+// with the pair factors R = rho, K = kappa t rho, A = K^2 + alpha rho of lightning_swim/_search.py,
+// computed here from the Gram block G = Y[rows] Y^T of the centred points y = x - mean(x):
+// D_ij = |y_i|^2 + |y_j|^2 - 2 G_ij, recomputed from the coordinates x where that cancels (D_ij <= tol
+// (|y_i|^2 + |y_j|^2): near-duplicates), and coincident points (equal group ids) excluded. t_ij uses
+// |x|^2. a = 2 v, b = -2 v and g = -2 gamma; the caller adds gamma^2.
+//
+// The cost per (i, j, m) is one add, two multiply-adds and a min. Four anchors share every load of
+// b_j (register blocking); partners come in tiles of 512 whose rows of b stay in L2 while 32 anchors
+// use them; super-blocks of 32 anchors are spread over OpenMP threads. Plain C++ with GCC/Clang vector
+// extensions: no intrinsics, any target.
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <limits>
+
+#if defined(__AVX512F__)
+#define LS_VBYTES 64
+#define LS_MV 2
+#elif defined(__AVX__)
+#define LS_VBYTES 32
+#define LS_MV 1
+#else
+#define LS_VBYTES 16
+#define LS_MV 1
+#endif
+#define LS_IB 4    // anchors per register block
+#define LS_IS 32   // anchors per super-block (sharing a tile of partners in L2), a multiple of LS_IB
+#define LS_NJ 512  // partners per tile
+
+template <typename T>
+struct Vec {
+    typedef T type __attribute__((vector_size(LS_VBYTES)));
+};
+
+template <typename T>
+static inline typename Vec<T>::type load(const T* p) {
+    typename Vec<T>::type v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+template <typename T>
+static inline void store(T* p, typename Vec<T>::type v) {
+    memcpy(p, &v, sizeof(v));
+}
+
+// The factors of anchor i against partners j0 .. j0 + nj - 1; returns nothing, fills A, R, K.
+template <typename T>
+static void pair_factors(int64_t i, int64_t j0, int64_t nj, int64_t d, const T* Gi, const T* x, const T* sq,
+                         const T* sqy, const int64_t* groups, T kappa, T alpha, int homogeneous, T tol, T* A, T* R,
+                         T* K) {
+    const T inf = std::numeric_limits<T>::infinity();
+    const T si = sq[i], syi = sqy[i];
+    const int64_t gi = groups[i];
+    int unsure = 0;
+    for (int64_t j = 0; j < nj; j++) {
+        const T norms = syi + sqy[j0 + j];
+        const T d2 = norms - (T)2 * Gi[j];
+        A[j] = d2;
+        unsure |= (d2 <= tol * norms) & (groups[j0 + j] != gi);
+    }
+    if (unsure) {  // cancellation: the distance from the coordinates, as near-duplicates need
+        for (int64_t j = 0; j < nj; j++) {
+            if (A[j] <= tol * (syi + sqy[j0 + j]) && groups[j0 + j] != gi) {
+                const T* xi = x + i * d;
+                const T* xj = x + (j0 + j) * d;
+                T s = 0;
+#pragma omp simd reduction(+ : s)
+                for (int64_t k = 0; k < d; k++) s += (xi[k] - xj[k]) * (xi[k] - xj[k]);
+                A[j] = s;
+            }
+        }
+    }
+    for (int64_t j = 0; j < nj; j++) {
+        const int bad = groups[j0 + j] == gi;
+        const T d2 = bad ? (T)1 : A[j];
+        const T rho = homogeneous ? (T)1 / sqrt(d2) : (T)1 / d2;
+        const T ktr = kappa * ((T)0.5 * (si - sq[j0 + j] + d2)) * rho;
+        A[j] = bad ? inf : ktr * ktr + alpha * rho;
+        R[j] = bad ? (T)0 : rho;
+        K[j] = bad ? (T)0 : ktr;
+    }
+}
+
+template <typename T>
+static int rowmin(int64_t nrows, int64_t row0, int64_t N, int64_t d, int64_t Mp, const T* G, const T* x, const T* sq,
+                  const T* sqy, const int64_t* groups, const T* a, const T* b, const T* g, T kappa, T alpha,
+                  int homogeneous, T tol, T* out, int nthreads) {
+    typedef typename Vec<T>::type V;
+    const int64_t L = LS_VBYTES / sizeof(T);
+    const int64_t MC = L * LS_MV;  // neurons per register block
+    if (Mp % MC != 0) return 1;
+    const int64_t nsuper = (nrows + LS_IS - 1) / LS_IS;
+    const T inf = std::numeric_limits<T>::infinity();
+    int status = 0;
+#pragma omp parallel for schedule(dynamic) num_threads(nthreads)
+    for (int64_t sg = 0; sg < nsuper; sg++) {
+        // the factors of LS_IS anchors against one tile of partners (L2-resident)
+        T* buf = (T*)malloc(sizeof(T) * 3 * LS_IS * LS_NJ);
+        if (buf == NULL) {
+#pragma omp atomic write
+            status = 2;
+            continue;
+        }
+        T *A = buf, *R = buf + LS_IS * LS_NJ, *K = buf + 2 * LS_IS * LS_NJ;
+        const int64_t s0 = sg * LS_IS;
+        const int64_t ns = nrows - s0 < LS_IS ? nrows - s0 : LS_IS;
+        for (int64_t ii = 0; ii < ns; ii++)
+            for (int64_t m = 0; m < Mp; m++) out[(s0 + ii) * Mp + m] = inf;
+        for (int64_t j0 = 0; j0 < N; j0 += LS_NJ) {
+            const int64_t nj = N - j0 < LS_NJ ? N - j0 : LS_NJ;
+            for (int64_t ii = 0; ii < LS_IS; ii++) {
+                T *Ai = A + ii * LS_NJ, *Ri = R + ii * LS_NJ, *Ki = K + ii * LS_NJ;
+                if (ii < ns) {
+                    pair_factors<T>(row0 + s0 + ii, j0, nj, d, G + (s0 + ii) * N + j0, x, sq, sqy, groups, kappa,
+                                    alpha, homogeneous, tol, Ai, Ri, Ki);
+                } else {  // a missing anchor of the last block: never below anything
+                    for (int64_t j = 0; j < nj; j++) Ai[j] = inf, Ri[j] = 0, Ki[j] = 0;
+                }
+            }
+            // register blocks of LS_IB anchors x MC neurons; each load of b_j serves LS_IB anchors, and
+            // the tile of b stays in L2 for the LS_IS / LS_IB blocks of the super-group
+            for (int64_t i0 = 0; i0 < ns; i0 += LS_IB) {
+                const int64_t nr = ns - i0 < LS_IB ? ns - i0 : LS_IB;
+                const T* Ab = A + i0 * LS_NJ;
+                const T* Rb = R + i0 * LS_NJ;
+                const T* Kb = K + i0 * LS_NJ;
+                for (int64_t m0 = 0; m0 < Mp; m0 += MC) {
+                    V acc[LS_IB][LS_MV], av[LS_IB][LS_MV], gv[LS_MV];
+                    for (int v = 0; v < LS_MV; v++) {
+                        gv[v] = load<T>(g + m0 + v * L);
+                        for (int64_t ii = 0; ii < LS_IB; ii++) {
+                            const int64_t r = s0 + i0 + (ii < nr ? ii : 0);  // a missing anchor reads a real row
+                            acc[ii][v] = load<T>(out + r * Mp + m0 + v * L);
+                            av[ii][v] = load<T>(a + (row0 + r) * Mp + m0 + v * L);
+                        }
+                    }
+                    for (int64_t j = 0; j < nj; j++) {
+                        V bv[LS_MV];
+                        for (int v = 0; v < LS_MV; v++) bv[v] = load<T>(b + (j0 + j) * Mp + m0 + v * L);
+                        for (int64_t ii = 0; ii < LS_IB; ii++) {
+                            const T ra = Ab[ii * LS_NJ + j], rr = Rb[ii * LS_NJ + j], rk = Kb[ii * LS_NJ + j];
+                            for (int v = 0; v < LS_MV; v++) {
+                                const V f = ra + rr * (av[ii][v] + bv[v]) + rk * gv[v];
+                                acc[ii][v] = f < acc[ii][v] ? f : acc[ii][v];
+                            }
+                        }
+                    }
+                    for (int64_t ii = 0; ii < nr; ii++)
+                        for (int v = 0; v < LS_MV; v++) store<T>(out + (s0 + i0 + ii) * Mp + m0 + v * L, acc[ii][v]);
+                }
+            }
+        }
+        free(buf);
+    }
+    return status;
+}
+
+extern "C" {
+
+// Neurons per register block for an element of `itemsize` bytes: the neuron axis must be padded to a multiple.
+int64_t ls_neuron_block(int64_t itemsize) { return (LS_VBYTES / itemsize) * LS_MV; }
+
+int ls_rowmin_f32(int64_t nrows, int64_t row0, int64_t N, int64_t d, int64_t Mp, const float* G, const float* x,
+                  const float* sq, const float* sqy, const int64_t* groups, const float* a, const float* b,
+                  const float* g, double kappa, double alpha, int homogeneous, double tol, float* out, int nthreads) {
+    return rowmin<float>(nrows, row0, N, d, Mp, G, x, sq, sqy, groups, a, b, g, (float)kappa, (float)alpha,
+                         homogeneous, (float)tol, out, nthreads);
+}
+
+int ls_rowmin_f64(int64_t nrows, int64_t row0, int64_t N, int64_t d, int64_t Mp, const double* G, const double* x,
+                  const double* sq, const double* sqy, const int64_t* groups, const double* a, const double* b,
+                  const double* g, double kappa, double alpha, int homogeneous, double tol, double* out,
+                  int nthreads) {
+    return rowmin<double>(nrows, row0, N, d, Mp, G, x, sq, sqy, groups, a, b, g, kappa, alpha, homogeneous, tol, out,
+                          nthreads);
+}
+}
