@@ -42,6 +42,7 @@ from lightning_swim.activations import Activation
 __all__ = ["Candidates", "SoftResult", "exact_candidates", "fit_error", "sign_free", "summarise"]
 
 SOFT_CUT = 5.0  # soft weights below exp(-SOFT_CUT) of the best's are left out
+MAX_KEPT = 4096  # candidate pairs kept per neuron during the exact search (see exact_candidates)
 
 
 def sign_free(act: Activation) -> bool:
@@ -189,12 +190,19 @@ def exact_candidates(
     *,
     max_memory: int,
     backend: str = "torch",
-) -> Candidates:
-    """Every pair whose error is within ``threshold(best)`` of each neuron's best, over all pairs.
+    max_kept: int = MAX_KEPT,
+) -> tuple[Candidates, Tensor]:
+    """Every pair whose error is within ``threshold(best)`` of each neuron's best, over all pairs, up
+    to ``max_kept`` per neuron.
 
     Anchors are visited in blocks; a pair is kept while its error is within ``threshold`` of the
     best error found so far (initially ``bound``), and the kept pairs are pruned to the final
-    threshold at the end, so the result is exact whatever the bound.
+    threshold at the end, so the result is exact whatever the bound. A neuron that no pair explains
+    well can have most of its ``N^2`` pairs inside that window: once it holds more than
+    ``max_kept``, only its ``max_kept // 2`` cheapest are kept and its *ceiling* drops to the largest
+    of them; later pairs are kept only below the ceiling. Every pair at most
+    ``min(threshold(best), ceiling)`` is then in the result, so the best pair and the cheapest
+    ``max_kept // 2`` are exact, and a count within a threshold above the ceiling is a lower bound.
 
     Args:
         x: the probe inputs ``[N, d]`` (a well-conditioned frame: centred and scaled).
@@ -209,7 +217,8 @@ def exact_candidates(
             ``[N, N]`` array); the same results.
 
     Returns:
-        The :class:`Candidates`, unsorted; each neuron's best pair among them.
+        ``(candidates, ceiling [M])``: the :class:`Candidates`, unsorted, each neuron's best pair
+        among them; the ceilings (inf where no neuron overflowed).
     """
     N, M = a.shape
     if backend == "torch" and 2 * N * N * x.element_size() > max_memory:
@@ -228,21 +237,39 @@ def exact_candidates(
     else:
         block = _block_size(N, M, x.element_size(), max_memory)
         work = torch.empty(block * N * N, dtype=x.dtype, device=x.device)
+    ceiling = torch.full_like(best, float("inf"))
     parts: list[Candidates] = []
-    n_kept, limit = 0, max(4 * N * M, max_memory // (8 * x.element_size()))
+    counts = torch.zeros(M, dtype=torch.long, device=x.device)
     for s in range(0, N, block):
         rows = torch.arange(s, min(N, s + block), device=x.device)
         q = layer.scores(rows, work)
         best = torch.minimum(best, 1 - q.amax(dim=(0, 1)))
-        keep = q >= 1 - threshold(best)
+        keep = q >= 1 - torch.minimum(threshold(best), ceiling)
         b, j, m = keep.nonzero(as_tuple=True)
         if len(m):
             parts.append(Candidates(m, rows[b], j, 1 - q[b, j, m]))
-            n_kept += len(m)
-        if n_kept > limit:  # prune to the current best: the final threshold is no larger
-            parts = [_within(_cat(parts), threshold(best))]
-            n_kept = len(parts[0].m)
-    return _within(_cat(parts), threshold(best))
+            counts += torch.bincount(m, minlength=M)
+        if bool((counts > max_kept).any()):
+            cand = _within(_cat(parts), torch.minimum(threshold(best), ceiling))
+            cand, ceiling = _cap(cand, M, max_kept // 2, ceiling)
+            parts, counts = [cand], torch.bincount(cand.m, minlength=M)
+    return _within(_cat(parts), torch.minimum(threshold(best), ceiling)), ceiling
+
+
+def _cap(cand: Candidates, n_neurons: int, keep: int, ceiling: Tensor) -> tuple[Candidates, Tensor]:
+    """Keep the ``keep`` cheapest candidates of every neuron that has more (and any tied with the
+    last of them); lower those neurons' ceilings to the largest error kept."""
+    order = _lexsort(cand.m, cand.err)
+    m, err = cand.m[order], cand.err[order]
+    counts = torch.bincount(m, minlength=n_neurons)
+    start = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(m), device=m.device) - start[m]
+    over = counts > keep
+    last = err[(start + keep - 1).clamp_max(len(m) - 1)]  # the keep-th cheapest error of each neuron
+    ceiling = torch.where(over, torch.minimum(ceiling, last), ceiling)
+    ok = (rank < keep) | ~over[m] | (err <= ceiling[m])
+    idx = order[ok]
+    return Candidates(cand.m[idx], cand.i[idx], cand.j[idx], cand.err[idx]), ceiling
 
 
 def _cat(parts: list[Candidates]) -> Candidates:

@@ -42,7 +42,15 @@ from torch import Tensor
 
 from lightning_swim import _search
 from lightning_swim._checks import check_choice, check_pairmap, check_points, check_positive_int
-from lightning_swim._fsearch import SOFT_CUT, Candidates, exact_candidates, fit_error, sign_free, summarise
+from lightning_swim._fsearch import (
+    MAX_KEPT,
+    SOFT_CUT,
+    Candidates,
+    exact_candidates,
+    fit_error,
+    sign_free,
+    summarise,
+)
 from lightning_swim._keops import KeOpsUnavailableError
 from lightning_swim.activations import Activation, get_activation
 
@@ -82,8 +90,10 @@ class PairMap:
             weights, 3 dead (zero on the whole probe set). Flagged neurons have index ``-1`` and NaN
             numbers, and carry no importance.
         n_near: ``[M]`` int64, the ordered pairs whose error is within the map's tolerance of the best
-            (``atol``, ``rtol`` of :func:`map_layer`): over all pairs with ``refine="exact"``, over the
-            candidates examined otherwise (a lower bound); ``-1`` for flagged neurons.
+            (``atol``, ``rtol`` of :func:`map_layer`): over all pairs with ``refine="exact"`` (exact
+            below 2,048; a count of 2,048 or more may be a lower bound, since the search keeps at most
+            4,096 candidates per neuron), over the candidates examined otherwise (a lower bound);
+            ``-1`` for flagged neurons.
         n_near_points: ``[M]`` int64, the distinct points those pairs use.
         soft_neuron, soft_from, soft_to, soft_weight: the soft attribution, ``[P]`` each: neuron
             ``soft_neuron[p]`` gives weight ``soft_weight[p]`` (float64) to the pair
@@ -471,7 +481,8 @@ def _map_alive(
         bound = torch.full((M,), float("inf"), dtype=x.dtype, device=x.device).scatter_reduce_(
             0, cand.m, cand.err, reduce="amin"
         )
-        cand = _exact(x, act, a, threshold, bound, max_memory, str(opts["backend"]))
+        max_kept = max(MAX_KEPT, 2 * int(opts["max_soft"]))
+        cand = _exact(x, act, a, threshold, bound, max_memory, str(opts["backend"]), max_kept)
     else:
         sweeps = int(opts["local_search"])
         if mode == "function" and sweeps:
@@ -506,6 +517,7 @@ def _exact(
     bound: Tensor,
     max_memory: int,
     backend: str,
+    max_kept: int,
 ) -> Candidates:
     """The exact search on the chosen backend. ``"auto"``: torch on the CPU (GEMMs on ``[N, N]`` blocks
     run faster there than KeOps' reductions), KeOps on CUDA, falling back to torch with one warning."""
@@ -513,13 +525,17 @@ def _exact(
         backend = "keops" if x.device.type == "cuda" else "torch"
         if backend == "keops":
             try:
-                return exact_candidates(x, act, a, threshold, bound, max_memory=max_memory, backend="keops")
+                return exact_candidates(
+                    x, act, a, threshold, bound, max_memory=max_memory, backend="keops", max_kept=max_kept
+                )[0]
             except Exception as err:  # KeOps unavailable, failing to compile, or no formula for the activation
                 _search.warn_fallback(err, "exact function-space search")
                 backend = "torch"
     if backend == "keops":
         try:
-            return exact_candidates(x, act, a, threshold, bound, max_memory=max_memory, backend="keops")
+            return exact_candidates(
+                x, act, a, threshold, bound, max_memory=max_memory, backend="keops", max_kept=max_kept
+            )[0]
         except KeOpsUnavailableError:
             raise
         except Exception as err:
@@ -527,7 +543,7 @@ def _exact(
                 f"KeOps failed on the exact search ({type(err).__name__}: {err}). Use backend='torch' or "
                 "backend='auto' to run without it."
             ) from err
-    return exact_candidates(x, act, a, threshold, bound, max_memory=max_memory, backend="torch")
+    return exact_candidates(x, act, a, threshold, bound, max_memory=max_memory, backend="torch", max_kept=max_kept)[0]
 
 
 def _unique_pairs(cand: Candidates) -> Candidates:

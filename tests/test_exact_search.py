@@ -147,13 +147,38 @@ class TestAgainstBruteForce:
         a = a[:, (a != 0).any(0)]
         thr = lambda best: best + 0.05  # noqa: E731
         inf = torch.full((a.shape[1],), math.inf, dtype=F64)
-        loose = _fsearch.exact_candidates(xf, act, a, thr, inf, max_memory=2**17)  # small blocks, no bound
+        loose, _ = _fsearch.exact_candidates(xf, act, a, thr, inf, max_memory=2**17)  # small blocks, no bound
         best = torch.full_like(inf, math.inf).scatter_reduce_(0, loose.m, loose.err, reduce="amin")
         key = lambda c: sorted(zip(c.m.tolist(), c.i.tolist(), c.j.tolist(), strict=True))  # noqa: E731
         for bound in (best, best + 0.3):  # any upper bound on the best errors
-            tight = _fsearch.exact_candidates(xf, act, a, thr, bound, max_memory=2**26)
+            tight, _ = _fsearch.exact_candidates(xf, act, a, thr, bound, max_memory=2**26)
             assert key(tight) == key(loose)
         assert len(loose.m) > a.shape[1]
+
+
+    def test_capped_neurons_keep_their_cheapest_pairs_exactly(self):
+        """A layer no pair explains well: most pairs fall in the window, the search keeps only the
+        cheapest ``max_kept // 2`` per neuron, and those (the best pair, the soft set) stay exact."""
+        from lightning_swim import _fsearch
+        from lightning_swim.pairmap import _frame
+
+        w, b, x = layer(60, 12, 5, seed=22)  # 12 dimensions, 60 points: poorly explained neurons
+        act = get_activation("relu")
+        xf, wf, bf, _ = _frame(x, w, b, True)
+        a = act(xf @ wf.T + bf)
+        keep = (a != 0).any(0)
+        a = a[:, keep]
+        thr = lambda best: best + 0.5  # noqa: E731  (a wide window: hundreds of pairs per neuron)
+        inf = torch.full((a.shape[1],), math.inf, dtype=F64)
+        full, ceiling_full = _fsearch.exact_candidates(xf, act, a, thr, inf, max_memory=2**20, max_kept=10**9)
+        capped, ceiling = _fsearch.exact_candidates(xf, act, a, thr, inf, max_memory=2**20, max_kept=40)
+        assert bool(torch.isinf(ceiling_full).all()) and bool(torch.isfinite(ceiling).any())
+        err = brute_force(w[keep], b[keep], x, "relu").reshape(a.shape[1], -1)
+        for m in range(a.shape[1]):
+            mine = torch.sort(capped.err[capped.m == m]).values
+            cheapest = torch.sort(err[m]).values[: min(20, len(mine))]
+            torch.testing.assert_close(mine[: len(cheapest)], cheapest)  # the 20 cheapest, exactly
+            assert int((full.m == m).sum()) >= int((capped.m == m).sum())
 
 
 class TestInvariances:
