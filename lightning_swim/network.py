@@ -30,7 +30,7 @@ from lightning_swim._modelio import (
 from lightning_swim._solve import ridge_lstsq
 from lightning_swim.activations import Activation, get_activation
 from lightning_swim.metrics import FIDELITY_TASKS, OutputR2, PredictionAgreement
-from lightning_swim.pairmap import PairMap, map_layer
+from lightning_swim.pairmap import PairMap, map_layer, random_map
 from lightning_swim.sampling import swim_neurons
 
 __all__ = [
@@ -38,9 +38,11 @@ __all__ = [
     "OUTPUT_MODES",
     "Rebuilt",
     "convert_network",
+    "in_points",
     "map_network",
     "map_reading",
     "mapped_layers",
+    "random_maps",
     "rebuild",
 ]
 
@@ -181,6 +183,33 @@ def map_network(
     if layers is None and (note := reading.note()) is not None:
         warnings.warn(note, UserWarning, stacklevel=2)
     return map_reading(reading, chosen, dtype=dtype, patches=patches, seed=seed, **map_kwargs)
+
+
+def random_maps(
+    reading: ModelReading,
+    layers: Sequence[LayerReading],
+    *,
+    dtype: torch.dtype | None = None,
+    patches: int = DEFAULT_PATCHES,
+    seed: int = 0,
+) -> dict[str, PairMap]:
+    """The reference maps of :func:`map_reading`: every neuron on a uniformly random pair of the same points.
+
+    Each layer gets :func:`~lightning_swim.pairmap.random_map` on the points :func:`map_reading` uses (a
+    convolution: the same ``patches`` drawn with the same ``seed``), each pair with its best scale, so
+    that a network rebuilt from them (:func:`convert_network`) is the baseline of the mapped pairs'.
+    """
+    check_positive_int(patches, "patches", minimum=2)
+    maps: dict[str, PairMap] = {}
+    for k, layer in enumerate(layers):
+        index = reading.sample(layer.name, patches, seed)
+        h = reading.points(layer.name, dtype, index)
+        w, b = layer.parameters()
+        assert layer.activation is not None
+        generator = torch.Generator().manual_seed(seed + 7919 * k)
+        pm = random_map(w.to(h), b.to(h), h, activation=layer.activation, generator=generator)
+        maps[layer.name] = in_points(pm, index)
+    return maps
 
 
 @dataclass
