@@ -108,7 +108,7 @@ def top_patch_pairs(
         for role, colour, q in (("from", _RED, int(pm.idx_from[m])), ("to", _BLUE, int(pm.idx_to[m]))):
             e, loc = q // L, q % L
             win = input_window(layers, name, loc, tuple(x.shape[1:])) if q >= 0 else None
-            where = "" if win is not None else f" @{loc}"
+            where = "" if win is not None or L == 1 else f" @{loc}"
             label = f"neuron {m}: {role}\n{_name(index, e)}{_label(y, e)}{where}"
             tiles.append((_tile(x[e], win, colour, lo, hi), label))
     return _sheet(tiles, title or f"{name}: top patch pairs (from: red, to: blue)")

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -271,11 +269,23 @@ class TestDigitsCNN:
 
 
 @pytest.mark.slow
-def test_example_mnist1d_cnn_vs_mlp(tmp_path):
+def test_example_mnist1d_cnn_vs_mlp(tmp_path, capsys):
     pytest.importorskip("mnist1d")
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, str(ROOT / "examples" / "mnist1d_cnn_vs_mlp.py"), "--fast", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "CNN" in done.stdout and "MLP" in done.stdout
-    assert any(tmp_path.glob("*.png"))
+    spec = importlib.util.spec_from_file_location(
+        "example_mnist1d_cnn_vs_mlp", ROOT / "examples" / "mnist1d_cnn_vs_mlp.py"
+    )
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    args = ["--epochs", "2", "--probe-size", "48", "--patches", "256", "--top-k", "8", "--train-size", "600"]
+    results = example.main([*args, "--out", str(tmp_path)])
+    cnn, mlp = results["CNN"], results["MLP"]
+    assert list(cnn["layers"]) == ["net.1", "net.3", "net.5"] and list(mlp["layers"]) == ["net.0", "net.2"]
+    assert cnn["maps"] == mlp["maps"] == 3  # at fit start, after the first epoch, at fit end
+    first = cnn["layers"]["net.1"]
+    assert first["fidelity"] > first["fidelity_random_pairs"] + 0.2, first
+    widths = [cnn["pairs"][n]["patch_width"] for n in ("net.1", "net.3", "net.5")]
+    assert widths == [5, 9, 17]  # receptive fields of 5, then 2 * 5 - 1 + ..., through stride-2 convolutions
+    assert len(list(tmp_path.glob("*_top_pairs.png"))) == 5
+    out = capsys.readouterr().out
+    assert "reference 0.94" in out and "reference 0.68" in out and "random pairs" in out
