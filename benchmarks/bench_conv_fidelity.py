@@ -81,7 +81,7 @@ def run(net: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
         make, epochs, lr, batch = digits_cnn, 40, 1e-3, 32
     else:
         xtr, ytr, xte, yte = mnist1d()
-        make, epochs, lr, batch = mnist1d_cnn, 60, 1e-2, 100
+        make, epochs, lr, batch = mnist1d_cnn, 40, 1e-2, 100
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = make()
@@ -119,7 +119,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--probe", type=int, default=512)
     parser.add_argument("--refine", choices=["auto", "function", "exact"], default="auto")
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = [run(args.net, seed, args) for seed in range(args.seeds)]
     mean = {k: statistics.fmean(r[k] for r in rows) for k in rows[0]}
     print(

@@ -285,7 +285,7 @@ def test_example_mnist1d_cnn_vs_mlp(tmp_path, capsys):
     first = cnn["layers"]["net.1"]
     assert first["fidelity"] > first["fidelity_random_pairs"] + 0.2, first
     widths = [cnn["pairs"][n]["patch_width"] for n in ("net.1", "net.3", "net.5")]
-    assert widths == [5, 9, 17]  # receptive fields of 5, then 2 * 5 - 1 + ..., through stride-2 convolutions
+    assert widths == [5, 9, 17]  # receptive fields: 5, then 5 + 2 * 2, then 9 + 2 * 4 (stride 2 twice)
     assert len(list(tmp_path.glob("*_top_pairs.png"))) == 5
     out = capsys.readouterr().out
     assert "reference 0.94" in out and "reference 0.68" in out and "random pairs" in out
