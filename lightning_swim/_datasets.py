@@ -43,3 +43,37 @@ def log_2d(n: int = 500, *, seed: int = 0, dtype: torch.dtype = torch.float64) -
     g = torch.Generator().manual_seed(seed)
     x = (torch.rand(n, 2, generator=g, dtype=torch.float64) * 4 - 2).to(dtype)
     return x, laplacian_of_gaussian(x).unsqueeze(1)
+
+
+def mnist1d(*, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """MNIST-1D (Greydanus 2020, "Scaling down deep learning"), generated offline with the ``mnist1d``
+    package's default arguments: ``(x_train [4000, 40], y_train, x_test [1000, 40], y_test)``.
+
+    ``mnist1d.data.make_dataset`` seeds Python's and NumPy's global generators; their states are
+    restored afterwards. Its reference test accuracies: an MLP about 68%, a CNN about 94%.
+
+    Raises:
+        ModuleNotFoundError: without the ``mnist1d`` package (``pip install lightning-swim[examples]``).
+    """
+    import random
+
+    import numpy as np
+
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            "MNIST-1D needs the `mnist1d` package: `pip install mnist1d` (or `pip install lightning-swim[examples]`)."
+        ) from err
+    py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002 - restoring the legacy global
+    try:
+        data = make_dataset(get_dataset_args())
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)  # noqa: NPY002
+    return (
+        torch.tensor(data["x"], dtype=dtype),
+        torch.tensor(data["y"], dtype=torch.long),
+        torch.tensor(data["x_test"], dtype=dtype),
+        torch.tensor(data["y_test"], dtype=torch.long),
+    )

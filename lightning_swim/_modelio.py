@@ -27,6 +27,7 @@ costs one pass per rebuilt layer plus one, each in chunks).
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -190,6 +191,8 @@ class LayerKind:
     name: str = "layer"
     types: tuple[type[nn.Module], ...] = ()
     neuron_dim: int = -1
+    subsample: bool = False
+    """Whether a map draws a subsample of the layer's points (a convolution has ``N L`` of them)."""
 
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, self.types)
@@ -201,6 +204,23 @@ class LayerKind:
     def points(self, module: nn.Module, inp: Tensor) -> Tensor:
         """The layer's input on a batch as points of its input space, ``[n, d]``; raises :class:`Unmappable`."""
         raise NotImplementedError
+
+    def capture(self, module: nn.Module, inp: Tensor) -> Tensor:
+        """What a reading keeps of the layer's input on a batch (``points`` by default; a convolution keeps
+        its input itself, ``k...`` times smaller than its patches); raises :class:`Unmappable`."""
+        return self.points(module, inp)
+
+    def gather(self, module: nn.Module, captured: Tensor, index: Tensor | None = None) -> Tensor:
+        """The points ``index`` (``[n]`` into the ``N L`` points, all if ``None``) of a captured input, ``[n, d]``."""
+        return captured if index is None else captured[index.to(captured.device)]
+
+    def grid(self, module: nn.Module, inp: Tensor) -> tuple[int, ...]:
+        """The locations at which the layer applies its neurons to one example (``()``: one location)."""
+        return ()
+
+    def by_neuron(self, out: Tensor) -> Tensor:
+        """The layer's output as ``[n, M]``, a row per point (``n = N L``)."""
+        return out
 
     def parameters(self, module: nn.Module) -> tuple[Tensor, Tensor | None]:
         """``(weight [M, d], bias [M] or None)`` as the forward pass uses them (through any parametrization)."""
@@ -259,7 +279,134 @@ class LinearKind(LayerKind):
             set_parameter(module, "bias", bias)
 
 
-LAYER_KINDS: list[LayerKind] = [LinearKind()]
+class ConvKind(LayerKind):
+    r"""``nn.Conv1d`` and ``nn.Conv2d`` (any stride, padding, padding mode and dilation; ``groups=1``).
+
+    A convolution is a dense layer applied to every patch of its input: output channel ``m`` computes
+    :math:`z_m(p) = \langle w_m, p \rangle + b_m` on each patch ``p`` (``C_in`` channels times the
+    kernel's window, unfolded channel-major as ``weight.reshape(C_out, -1)``). A batch of ``N``
+    examples whose output has ``L`` locations (``grid``, e.g. ``(H', W')``) gives ``N L`` points,
+    ordered example-major: point ``q`` is example ``q // L`` at location ``q % L`` (row-major over
+    the grid). A reading keeps the input itself and unfolds the patches it is asked for.
+    """
+
+    name = "conv"
+    types = (nn.Conv1d, nn.Conv2d)
+    neuron_dim = 1
+    subsample = True
+
+    def problem(self, module: nn.Module) -> str | None:
+        assert isinstance(module, nn.modules.conv._ConvNd)
+        if module.groups != 1:
+            return (
+                f"it has groups={module.groups}: each output channel sees only a slice of the input channels, and "
+                "grouped (depthwise) convolutions are not mapped yet"
+            )
+        n_out, n_in = self.parameters(module)[0].shape
+        if n_in == 0 or n_out == 0:
+            return f"it has zero width ({n_out} output channels over patches of size {n_in})"
+        return None
+
+    @staticmethod
+    def _pads(module: Any) -> list[tuple[int, int]]:
+        """``(before, after)`` padding of every spatial dimension, as the module pads."""
+        nd = len(module.kernel_size)
+        if isinstance(module.padding, str):
+            if module.padding == "valid":
+                return [(0, 0)] * nd
+            total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+            return [(t // 2, t - t // 2) for t in total]  # "same": the extra one after, as torch pads
+        return [(p, p) for p in module.padding]
+
+    def _padded(self, module: Any, inp: Tensor) -> Tensor:
+        nd = len(module.kernel_size)
+        if inp.ndim != nd + 2:
+            raise Unmappable(
+                f"it is applied to inputs of shape {tuple(inp.shape)}, and a {type(module).__name__} is mapped on "
+                f"batches `[N, C, {'L' if nd == 1 else 'H, W'}]`"
+            )
+        pads = [p for pair in reversed(self._pads(module)) for p in pair]
+        if not any(pads):
+            return inp
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        return F.pad(inp, pads, mode=mode)
+
+    def grid(self, module: nn.Module, inp: Tensor) -> tuple[int, ...]:
+        m: Any = module
+        spatial = inp.shape[2:]
+        return tuple(
+            (size + before + after - d * (k - 1) - 1) // s + 1
+            for size, (before, after), d, k, s in zip(
+                spatial, self._pads(m), m.dilation, m.kernel_size, m.stride, strict=True
+            )
+        )
+
+    def capture(self, module: nn.Module, inp: Tensor) -> Tensor:
+        self._padded(module, inp[:0])  # checks the shape
+        return inp
+
+    def points(self, module: nn.Module, inp: Tensor) -> Tensor:
+        m: Any = module
+        x = self._padded(m, inp)
+        if len(m.kernel_size) == 1:  # unfold works on images: a signal is an image of height one
+            cols = F.unfold(x.unsqueeze(2), (1, m.kernel_size[0]), dilation=(1, m.dilation[0]), stride=(1, m.stride[0]))
+        else:
+            cols = F.unfold(x, m.kernel_size, dilation=m.dilation, stride=m.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # [N L, C k...], example-major
+
+    def gather(self, module: nn.Module, captured: Tensor, index: Tensor | None = None) -> Tensor:
+        if index is None:
+            return self.points(module, captured)
+        m: Any = module
+        x = self._padded(m, captured)
+        grid = self.grid(m, captured)
+        nd, n, c = len(grid), index.shape[0], x.shape[1]
+        index = index.to(x.device)
+        locations = math.prod(grid)
+        loc = index % locations
+        idx: list[Tensor] = [
+            (index // locations).view(n, 1, *[1] * nd),
+            torch.arange(c, device=x.device).view(1, c, *[1] * nd),
+        ]
+        for k in reversed(range(nd)):  # row-major: the last dimension varies fastest
+            coord = loc % grid[k]
+            loc = loc // grid[k]
+            rows = coord[:, None] * m.stride[k] + torch.arange(m.kernel_size[k], device=x.device) * m.dilation[k]
+            shape = [n, 1] + [1] * nd
+            shape[2 + k] = m.kernel_size[k]
+            idx.insert(2, rows.view(shape))
+        return x[tuple(idx)].reshape(n, -1)
+
+    def parameters(self, module: nn.Module) -> tuple[Tensor, Tensor | None]:
+        weight, bias = module.weight, module.bias
+        assert isinstance(weight, Tensor)
+        return weight.reshape(weight.shape[0], -1), bias if isinstance(bias, Tensor) else None
+
+    def replace(
+        self, module: nn.Module, inp: Tensor, out: Tensor, rows: Tensor, weight: Tensor, bias: Tensor
+    ) -> Tensor:
+        m: Any = module
+        conv = F.conv1d if len(m.kernel_size) == 1 else F.conv2d
+        kernels = weight.to(inp.dtype).reshape(weight.shape[0], -1, *m.kernel_size)
+        new = conv(self._padded(m, inp), kernels, bias.to(inp.dtype), m.stride, 0, m.dilation)
+        if bool(rows.all()):
+            return new
+        out = out.clone()
+        out[:, rows] = new
+        return out
+
+    def write(self, module: nn.Module, weight: Tensor, bias: Tensor | None) -> None:
+        kernels = module.weight
+        assert isinstance(kernels, Tensor)
+        set_parameter(module, "weight", weight.reshape(kernels.shape))
+        if bias is not None:
+            set_parameter(module, "bias", bias)
+
+    def by_neuron(self, out: Tensor) -> Tensor:
+        return out.movedim(1, -1).reshape(-1, out.shape[1])
+
+
+LAYER_KINDS: list[LayerKind] = [LinearKind(), ConvKind()]
 """The layer kinds a reading knows, tried in order."""
 
 
@@ -512,9 +659,13 @@ class LayerReading:
         fold: an eval-mode ``BatchNorm`` between it and its activation, folded into it.
         blocker: why it cannot be mapped whatever its activation (a ``LayerNorm`` follows, it is called
             twice, ...), or ``None``.
-        input: its input on the probe set as points of its input space, ``[n, d]`` (if captured).
-        output: its own output on the probe set (before the fold), ``[N, M]`` (if captured).
+        input: its input on the probe set as the reading keeps it (if captured): the points ``[N, d]`` of
+            a dense layer, the input ``[N, C, ...]`` of a convolution (:meth:`ModelReading.points`
+            gives its patches).
+        output: its own output on the probe set (before the fold), ``[N, M]`` or ``[N, M, ...]`` (if captured).
         calls: how many times one forward pass called it.
+        grid: the locations at which it applies its neurons to one example: ``()`` for a dense layer,
+            the output's spatial shape for a convolution (``L = prod(grid)`` points per example).
     """
 
     name: str
@@ -527,6 +678,12 @@ class LayerReading:
     input: Tensor | None = field(default=None, repr=False)
     output: Tensor | None = field(default=None, repr=False)
     calls: int = 0
+    grid: tuple[int, ...] = ()
+
+    @property
+    def locations(self) -> int:
+        """``L``: the points per example (1 for a dense layer, the output locations of a convolution)."""
+        return math.prod(self.grid)
 
     @property
     def reason(self) -> str | None:
@@ -696,13 +853,35 @@ class ModelReading:
             f"; the other {n_ok} are mapped." if n_ok else "."
         )
 
-    def points(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
-        """Layer ``name``'s input on the probe set, ``[n, d]``, in ``dtype`` (default: the model's, but
-        float32 for half precision)."""
+    def n_points(self, name: str) -> int:
+        """The points of layer ``name`` on the probe set: ``N L`` (``N`` for a dense layer)."""
+        return self.n * self.layer(name).locations
+
+    def points(self, name: str, dtype: torch.dtype | None = None, index: Tensor | None = None) -> Tensor:
+        """Layer ``name``'s input on the probe set as points, ``[n, d]``, in ``dtype`` (default: the model's,
+        but float32 for half precision): all ``N L`` of them (for a convolution its patches, example-major),
+        or those of ``index`` (``[n]``, e.g. from :meth:`sample`)."""
         layer = self.layer(name)
         if layer.input is None:
             raise ValueError(f"The inputs of layer {name!r} were not captured: {layer.reason}.")
-        return layer.input.to(dtype or compute_dtype(layer.input.dtype))
+        pts = layer.kind.gather(layer.module, layer.input, index)
+        return pts.to(dtype or compute_dtype(pts.dtype))
+
+    def sample(self, name: str, size: int, seed: int = 0) -> Tensor | None:
+        """The points of layer ``name`` a map uses: ``None`` (all of them) for a dense layer or a convolution
+        with at most ``size`` points, else ``size`` of its ``N L`` points drawn uniformly without
+        replacement, ``[size]`` sorted flat indices (example ``q // L``, location ``q % L``).
+
+        The draw uses its own generator, seeded by ``seed`` and the layer's position in call order,
+        so that every map of one run with the same probe draws the same patches.
+        """
+        layer = self.layer(name)
+        total = self.n_points(name)
+        if not layer.kind.subsample or total <= size:
+            return None
+        position = [la.name for la in self.layers].index(name)
+        generator = torch.Generator().manual_seed(seed + 1_000_003 * (position + 1))
+        return torch.randperm(total, generator=generator)[:size].sort().values
 
     # -- rebuilt networks, evaluated by forward hooks
 
@@ -945,7 +1124,9 @@ def read_model(
             return
         if layer.blocker is None:
             try:
-                pts = kind.points(module, args[0])
+                pts = kind.capture(module, args[0])
+                if chunk[0] == 0:
+                    layer.grid = kind.grid(module, args[0])
             except Unmappable as err:
                 layer.blocker = str(err)
             else:

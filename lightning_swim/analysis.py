@@ -50,7 +50,7 @@ from lightning_swim.importance import (
     topk_overlap,
     turnover,
 )
-from lightning_swim.network import output_fidelity, rebuild
+from lightning_swim.network import DEFAULT_PATCHES, in_points, output_fidelity, rebuild
 from lightning_swim.pairmap import REFINE, PairMap, map_layer, pair_errors, random_map
 from lightning_swim.transport import transport_map
 
@@ -86,9 +86,11 @@ class AnalysisConfig:
     seed: int = 0
     dtype: torch.dtype | None = None
     output_key: OutputKey = None
+    patches: int = DEFAULT_PATCHES
 
     def __post_init__(self) -> None:
         check_positive_int(self.top_k, "top_k")
+        check_positive_int(self.patches, "patches", minimum=2)
         check_choice(self.refine, "refine", REFINE)
         check_positive_int(self.local_search, "local_search", minimum=0)
         check_choice(self.backend, "backend", BACKENDS)
@@ -131,20 +133,33 @@ class AnalysisConfig:
 def neuron_weights_of(layers: list[LayerReading], name: str, kind: str) -> Tensor | None:
     """The weights :math:`\\omega` of layer ``name``'s neurons: None (uniform) or their contributions.
 
-    The contribution uses the next dense layer in call order that reads this layer's outputs (its
-    input width equals this layer's number of neurons); without one, uniform. Weights are read with
-    any ``BatchNorm`` folded into the layer.
+    The contribution uses the next layer in call order that reads this layer's outputs: a dense
+    layer whose input width equals this layer's number of neurons ``M`` (or ``M L``: a convolution's
+    ``L`` locations flattened, channel-major), or a convolution with ``M`` input channels, whose
+    outgoing weights of neuron ``m`` are all the weights that read channel ``m``; without one,
+    uniform. Weights are read with any ``BatchNorm`` folded into the layer.
     """
     if kind == "uniform":
         return None
     names = [layer.name for layer in layers]
     k = names.index(name)
     this = layers[k].weight
+    m, spread = this.shape[0], layers[k].locations
     for nxt in layers[k + 1 :]:
-        following = nxt.weight
-        if following.shape[1] == this.shape[0]:
-            act = layers[k].activation
-            return contribution_weights(this, following, homogeneous=act is None or act.homogeneous)
+        following = nxt.weight  # [K, d]: the columns that read neuron m, gathered into column m below
+        if nxt.kind.neuron_dim == 1:  # a convolution: [K, C_in k...], channel-major
+            if nxt.module.weight.shape[1] != m:
+                continue
+            outgoing = following.reshape(following.shape[0], m, -1)
+        elif following.shape[1] == m:
+            outgoing = following[:, :, None]
+        elif spread > 1 and following.shape[1] == m * spread:  # a convolution's output, flattened
+            outgoing = following.reshape(following.shape[0], m, spread)
+        else:
+            continue
+        act = layers[k].activation
+        flat = outgoing.movedim(1, -1).reshape(-1, m)  # [K k..., M]: one column per neuron
+        return contribution_weights(this, flat, homogeneous=act is None or act.homogeneous)
     return None
 
 
@@ -220,7 +235,10 @@ def analyse_network(
     chosen = _chosen(reading, config.layers)
     if not chosen:
         raise ValueError("The model has no hidden nn.Linear layer to map (only an output layer).")
-    inputs = {layer.name: reading.points(layer.name, config.dtype) for layer in chosen}
+    # a convolution is mapped on a fixed subsample of its patches; its maps index all N L of them
+    samples = {layer.name: reading.sample(layer.name, config.patches, config.seed) for layer in chosen}
+    inputs = {layer.name: reading.points(layer.name, config.dtype, samples[layer.name]) for layer in chosen}
+    local: dict[str, PairMap] = {}  # the maps as found, indexing `inputs`
     maps: dict[str, PairMap] = {}
     randoms: dict[str, PairMap] = {}
     for k, layer in enumerate(chosen):
@@ -230,11 +248,13 @@ def analyse_network(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_FLAG_WARNINGS, category=RuntimeWarning)
             try:
-                maps[layer.name] = map_layer(weight, bias, inputs[layer.name], activation=act, **config.map_options())
+                local[layer.name] = map_layer(weight, bias, inputs[layer.name], activation=act, **config.map_options())
             except (ValueError, TypeError) as err:
                 raise type(err)(f"Layer {layer.name!r}: {err}") from err
             generator = torch.Generator().manual_seed(config.seed + 7919 * k)
-            randoms[layer.name] = random_map(weight, bias, inputs[layer.name], activation=act, generator=generator)
+            rnd_map = random_map(weight, bias, inputs[layer.name], activation=act, generator=generator)
+        maps[layer.name] = in_points(local[layer.name], samples[layer.name])
+        randoms[layer.name] = in_points(rnd_map, samples[layer.name])
     n = x.shape[0]
     labels = y if y is not None and not y.is_floating_point() else None
     soft = config.importance == "soft"
@@ -242,40 +262,92 @@ def analyse_network(
     importance: dict[str, Tensor] = {}
     extra: dict[str, dict[str, Tensor]] = {}
     for layer in chosen:
-        name, pm = layer.name, maps[layer.name]
+        name, pm, sample = layer.name, maps[layer.name], samples[layer.name]
+        n_local, spread = inputs[name].shape[0], layer.locations
         omega = neuron_weights_of(reading.layers, name, config.neuron_weights)
         if omega is not None and float(omega[pm.valid.to(omega.device)].sum()) <= 0:
             omega = None  # every mapped neuron weighs nothing: fall back to uniform weights
-        imp = pair_importance(pm, n, omega, soft=soft)
+        imp = _per_example(pair_importance(local[name], n_local, omega, soft=soft), sample, n, spread)
         importance[name] = imp
+        if spread > 1:  # a convolution: where each point's importance comes from (examples and locations)
+            extra[name] = _patch_provenance(layer, pair_importance(local[name], n_local, omega, soft=soft), sample, n)
         tag = f"swim/{name}"
         scalars.update(_map_scalars(tag, pm))
         scalars[f"{tag}/importance_entropy"] = float(entropy(imp))
         scalars[f"{tag}/effective_points"] = float(effective_points(imp))
         if bool(pm.valid.any()):  # the same weights on uniformly random pairs: the reference
-            null = random_pairs_like(pm, n, torch.Generator().manual_seed(config.seed + 104729))
-            rnd = pair_importance(null, n, omega, soft=soft)
+            null = random_pairs_like(local[name], n_local, torch.Generator().manual_seed(config.seed + 104729))
+            rnd = _per_example(pair_importance(null, n_local, omega, soft=soft), sample, n, spread)
             scalars[f"{tag}/effective_points_random_pairs"] = float(effective_points(rnd))
         if previous is not None and name in previous.maps and len(previous.maps[name]) == len(pm):
             before = previous.maps[name]
             errors, _ = pair_errors(
-                *_weight_bias(layer), inputs[name], before.idx_from, before.idx_to, activation=pm.activation
+                *_weight_bias(layer),
+                inputs[name],
+                _in_sample(before.idx_from, sample, n * spread),
+                _in_sample(before.idx_to, sample, n * spread),
+                activation=pm.activation,
             )
             scalars[f"{tag}/turnover"] = turnover(
                 before, pm, previous_errors=errors, atol=config.atol, rtol=config.rtol
             )
             scalars[f"{tag}/js_divergence"] = float(js_divergence(previous.importance[name], imp))
             scalars[f"{tag}/topk_overlap"] = topk_overlap(previous.importance[name], imp, config.topk_points)
-        if labels is not None:
-            scalars[f"{tag}/cross_class_share"] = cross_class_share(pm, labels, soft=soft)
+        if labels is not None:  # a patch has the label of its example
+            scalars[f"{tag}/cross_class_share"] = cross_class_share(
+                pm, labels.repeat_interleave(spread, dim=0), soft=soft
+            )
         if config.transport:
             say(f"transport of {name}")
-            scalars[f"{tag}/sinkhorn_divergence"], extra[name] = _transport(layer, inputs[name], y, config, omega)
+            y_points = y if y is None or spread == 1 else y.repeat_interleave(spread, dim=0)[_all(sample, n * spread)]
+            scalars[f"{tag}/sinkhorn_divergence"], moved = _transport(layer, inputs[name], y_points, config, omega)
+            if spread > 1:  # indices into all the layer's points; importance per example
+                index = _all(sample, n * spread)
+                for key in ("transport_idx_from", "transport_idx_to"):
+                    moved[key] = torch.where(moved[key] >= 0, index[moved[key].clamp_min(0)], moved[key])
+                moved["transport_importance"] = _per_example(moved["transport_importance"], sample, n, spread)
+            extra.setdefault(name, {}).update(moved)
     if config.fidelity:
         say("rebuilding the network from its pairs")
         scalars.update(_fidelities(reading, y, maps, randoms, config))
     scalars["swim/map_seconds"] = time.perf_counter() - t0
     return MapRecord(step, epoch, maps, importance, scalars, extra)
+
+
+def _all(sample: Tensor | None, total: int) -> Tensor:
+    return torch.arange(total) if sample is None else sample
+
+
+def _per_example(imp: Tensor, sample: Tensor | None, n: int, spread: int) -> Tensor:
+    """A per-point importance (of the ``sample`` of a layer's ``n L`` points) summed per example: ``[n]``."""
+    if spread == 1 and sample is None:
+        return imp
+    out = torch.zeros(n, dtype=imp.dtype)
+    out.index_add_(0, _all(sample, n * spread) // spread, imp.cpu())
+    return out
+
+
+def _in_sample(idx: Tensor, sample: Tensor | None, total: int) -> Tensor:
+    """Indices into all of a layer's points as indices into its ``sample`` (``-1`` where not in it)."""
+    if sample is None:
+        return idx
+    where = torch.full((total,), -1, dtype=torch.long)
+    where[sample] = torch.arange(len(sample))
+    idx = idx.cpu()
+    ok = (idx >= 0) & (idx < total)
+    return torch.where(ok, where[idx.clamp(0, total - 1)], -1).to(sample.device)
+
+
+def _patch_provenance(layer: LayerReading, imp: Tensor, sample: Tensor | None, n: int) -> dict[str, Tensor]:
+    """The patches a convolution was mapped on: example, location and importance of each (``[n_patches]``),
+    and the output grid (``patch_grid``: ``L = prod``), so that a history can trace every pair."""
+    index = _all(sample, n * layer.locations)
+    return {
+        "patch_example": index // layer.locations,
+        "patch_location": index % layer.locations,
+        "patch_importance": imp,
+        "patch_grid": torch.tensor(layer.grid, dtype=torch.long),
+    }
 
 
 def _weight_bias(layer: LayerReading) -> tuple[Tensor, Tensor]:

@@ -9,6 +9,7 @@ the public functions built on them.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_swim._checks import check_choice, check_pairmap, check_probe
+from lightning_swim._checks import check_choice, check_pairmap, check_positive_int, check_probe
 from lightning_swim._modelio import (
     ActivationSpec,
     LayerReading,
@@ -29,10 +30,21 @@ from lightning_swim._modelio import (
 from lightning_swim._solve import ridge_lstsq
 from lightning_swim.activations import Activation, get_activation
 from lightning_swim.metrics import FIDELITY_TASKS, OutputR2, PredictionAgreement
-from lightning_swim.pairmap import PairMap, map_layer
+from lightning_swim.pairmap import PairMap, map_layer, random_map
 from lightning_swim.sampling import swim_neurons
 
-__all__ = ["OUTPUT_MODES", "Rebuilt", "convert_network", "map_network", "map_reading", "mapped_layers", "rebuild"]
+__all__ = [
+    "DEFAULT_PATCHES",
+    "OUTPUT_MODES",
+    "Rebuilt",
+    "convert_network",
+    "in_points",
+    "map_network",
+    "map_reading",
+    "mapped_layers",
+    "random_maps",
+    "rebuild",
+]
 
 OUTPUT_MODES = ("keep", "refit")
 
@@ -49,33 +61,67 @@ def mapped_layers(
     return reading.select(layers)
 
 
+DEFAULT_PATCHES = 4096
+"""Patches per convolutional layer that a map draws from the probe's ``N L`` patches by default."""
+
+
+def in_points(pm: PairMap, index: Tensor | None) -> PairMap:
+    """A map of a subsample of a layer's points re-indexed into all of them: entry ``k`` becomes ``index[k]``.
+
+    Args:
+        pm: a map whose indices refer to the rows of ``points[index]``.
+        index: ``[n]`` indices of the subsample among the layer's points (``None``: ``pm`` itself).
+    """
+    if index is None:
+        return pm
+    index = index.to(pm.idx_from.device)
+
+    def lift(t: Tensor | None) -> Tensor:
+        assert t is not None
+        return torch.where(t >= 0, index[t.clamp_min(0)], t)
+
+    return dataclasses.replace(
+        pm, idx_from=lift(pm.idx_from), idx_to=lift(pm.idx_to), soft_from=lift(pm.soft_from), soft_to=lift(pm.soft_to)
+    )
+
+
 def map_reading(
     reading: ModelReading,
     layers: Sequence[LayerReading],
     *,
     dtype: torch.dtype | None = None,
+    patches: int = DEFAULT_PATCHES,
+    seed: int = 0,
     **map_kwargs: Any,
 ) -> dict[str, PairMap]:
     """Map ``layers`` of a reading with :func:`~lightning_swim.map_layer`, each on its captured inputs.
+
+    A convolution is mapped on ``patches`` of its ``N L`` input patches (:meth:`ModelReading.sample`,
+    seeded by ``seed``); its map indexes all of them (example ``q // L``, location ``q % L``).
 
     Args:
         reading: a reading of the model on the probe set.
         layers: the layers to map (e.g. ``reading.select()``).
         dtype: compute in this dtype; default the model's (float32 for half precision models).
+        patches: the patches a convolutional layer is mapped on (all of them if it has fewer).
+        seed: of the patch subsample.
         **map_kwargs: passed to :func:`~lightning_swim.map_layer`.
 
     Returns:
         Layer name -> :class:`~lightning_swim.PairMap`, in call order.
     """
+    check_positive_int(patches, "patches", minimum=2)
     maps: dict[str, PairMap] = {}
     for layer in layers:
-        h = reading.points(layer.name, dtype)
+        index = reading.sample(layer.name, patches, seed)
+        h = reading.points(layer.name, dtype, index)
         w, b = layer.parameters()
         assert layer.activation is not None
         try:
-            maps[layer.name] = map_layer(w.to(h), b.to(h), h, activation=layer.activation, **map_kwargs)
+            pm = map_layer(w.to(h), b.to(h), h, activation=layer.activation, **map_kwargs)
         except (ValueError, TypeError) as err:
             raise type(err)(f"Layer {layer.name!r}: {err}") from err
+        maps[layer.name] = in_points(pm, index)
     return maps
 
 
@@ -87,9 +133,11 @@ def map_network(
     activations: ActivationSpec = None,
     batch_size: int | None = None,
     dtype: torch.dtype | None = None,
+    patches: int = DEFAULT_PATCHES,
+    seed: int = 0,
     **map_kwargs: Any,
 ) -> dict[str, PairMap]:
-    """Map every hidden ``nn.Linear`` of ``model`` to data pairs, each in its own input space.
+    """Map every hidden ``nn.Linear`` and convolution of ``model`` to data pairs, each in its own input space.
 
     The model is read once on the probe set ``x`` (:func:`~lightning_swim._modelio.read_model`: one
     forward pass in eval mode, no grad, forked RNG; hooks removed and modes restored afterwards),
@@ -98,6 +146,12 @@ def map_network(
     then mapped with :func:`~lightning_swim.map_layer`. Hidden layers that cannot be mapped (a
     ``LayerNorm`` before the activation, an activation SWIM does not know, no activation, shared
     weights) are skipped with one warning that names them and says why.
+
+    A convolution (``nn.Conv1d``, ``nn.Conv2d``, ``groups=1``) is a dense layer over the patches of its
+    input: its pairs are pairs of patches, searched among ``patches`` of the probe's ``N L`` patches
+    (``L`` locations per example) drawn with a fixed generator (``seed``), and its map's indices
+    refer to all of them: pair index ``q`` is patch ``q % L`` (row-major over the output's spatial
+    grid) of example ``q // L``.
 
     Args:
         model: a module whose forward takes ``x``.
@@ -108,6 +162,8 @@ def map_network(
         batch_size: forward the probe set in batches of this size.
         dtype: compute the maps in this dtype (e.g. ``torch.float64``); default the model's
             (float32 for a half-precision model).
+        patches: the patches a convolutional layer is mapped on (all of them if it has fewer).
+        seed: of the patch subsample.
         **map_kwargs: passed to :func:`~lightning_swim.map_layer` (``top_k``, ``refine``, ``backend``, ...).
 
     Returns:
@@ -126,7 +182,34 @@ def map_network(
         raise ValueError(f"No layer of {type(model).__name__} can be mapped: {reading.note()}")
     if layers is None and (note := reading.note()) is not None:
         warnings.warn(note, UserWarning, stacklevel=2)
-    return map_reading(reading, chosen, dtype=dtype, **map_kwargs)
+    return map_reading(reading, chosen, dtype=dtype, patches=patches, seed=seed, **map_kwargs)
+
+
+def random_maps(
+    reading: ModelReading,
+    layers: Sequence[LayerReading],
+    *,
+    dtype: torch.dtype | None = None,
+    patches: int = DEFAULT_PATCHES,
+    seed: int = 0,
+) -> dict[str, PairMap]:
+    """The reference maps of :func:`map_reading`: every neuron on a uniformly random pair of the same points.
+
+    Each layer gets :func:`~lightning_swim.pairmap.random_map` on the points :func:`map_reading` uses (a
+    convolution: the same ``patches`` drawn with the same ``seed``), each pair with its best scale, so
+    that a network rebuilt from them (:func:`convert_network`) is the baseline of the mapped pairs'.
+    """
+    check_positive_int(patches, "patches", minimum=2)
+    maps: dict[str, PairMap] = {}
+    for k, layer in enumerate(layers):
+        index = reading.sample(layer.name, patches, seed)
+        h = reading.points(layer.name, dtype, index)
+        w, b = layer.parameters()
+        assert layer.activation is not None
+        generator = torch.Generator().manual_seed(seed + 7919 * k)
+        pm = random_map(w.to(h), b.to(h), h, activation=layer.activation, generator=generator)
+        maps[layer.name] = in_points(pm, index)
+    return maps
 
 
 @dataclass
@@ -158,8 +241,7 @@ def _check_map(reading: ModelReading, name: str, pm: PairMap) -> LayerReading:
     w, _ = layer.parameters()
     if len(pm) != w.shape[0]:
         raise ValueError(f"The map of layer {name!r} has {len(pm)} neurons but the layer has {w.shape[0]}.")
-    n = layer.input.shape[0] if layer.input is not None else reading.n
-    check_pairmap(pm, n, name=f"maps[{name!r}]")
+    check_pairmap(pm, reading.n_points(name), name=f"maps[{name!r}]")
     return layer
 
 
@@ -260,7 +342,7 @@ def _from_pairs(layer: LayerReading, pm: PairMap, act: Activation, coincident: l
 
 def _refit(layer: LayerReading, ridge: float) -> Any:
     assert layer.output is not None
-    target = layer.output.to(compute_dtype(layer.output.dtype))
+    target = layer.kind.by_neuron(layer.output.to(compute_dtype(layer.output.dtype)))
     if layer.fold is not None:  # the folded layer's outputs
         target = target * layer.fold.scale.to(target) + layer.fold.shift.to(target)
 

@@ -28,7 +28,7 @@ from typing_extensions import override
 
 from lightning_swim._checks import check_positive_int, split_probe
 from lightning_swim._data import draw_probe
-from lightning_swim._modelio import ActivationSpec, linear_layers, read_model
+from lightning_swim._modelio import ActivationSpec, read_model
 from lightning_swim.analysis import AnalysisConfig, analyse_network, neuron_weights_of
 from lightning_swim.callbacks.swim_init import module_hint
 from lightning_swim.history import MapRecord, ProbeSet, new_run_id, save_map, start_run_folder
@@ -152,6 +152,10 @@ class PairImportanceMonitor(Callback):
         output_key: selects the output tensor the fidelity compares when the model returns several: a
             dict key, a tuple index or a callable; by default the output itself, the first element of
             a tuple, or the ``"logits"`` entry of a dict.
+        patches: a convolutional layer (``nn.Conv1d``, ``nn.Conv2d``) is mapped on this many of the
+            ``N L`` patches of its input on the probe (``L`` locations per example), drawn once with a
+            fixed generator (``seed``); its importance is summed per example, and the patches'
+            examples, locations and importances are saved with every map (``extra``).
 
     Example::
 
@@ -194,6 +198,7 @@ class PairImportanceMonitor(Callback):
         dtype: torch.dtype | None = None,
         module: str | None = None,
         output_key: str | int | Callable[[Any], Tensor] | None = None,
+        patches: int = 4096,
     ) -> None:
         if module is not None and not isinstance(module, str):  # (issue 11.15) the submodule to map
             raise ValueError(f"Expected argument `module` to be a submodule's name but got {module!r}.")
@@ -237,6 +242,7 @@ class PairImportanceMonitor(Callback):
             seed=seed,
             dtype=dtype,
             output_key=output_key,
+            patches=patches,
         )
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs
@@ -604,13 +610,32 @@ class PairImportanceMonitor(Callback):
         assert self._x is not None
         x = self._x
         shape = self.image_shape or plotting.guess_image_shape(tuple(x.shape[1:]))
-        layers = linear_layers(self._target(pl_module), x[:2], self.config.activations)
+        layers = read_model(self._target(pl_module), x[:2], activations=self.config.activations).layers
         k = self.config.topk_points
         for name, pm in record.maps.items():
             imp = record.importance[name]
             omega = neuron_weights_of(layers, name, self.config.neuron_weights)
             figs: dict[str, Any] = {}
-            if shape is not None:
+            conv = next((la for la in layers if la.name == name), None)
+            if conv is not None and conv.locations > 1:  # a convolution: its pairs are patches of examples
+                from lightning_swim.patches import top_patch_pairs
+
+                if shape is not None:
+                    figs["top_points"] = plotting.top_points(
+                        x, imp, shape, k=k, y=self._y, title=f"{name}: most important examples, step {record.step}"
+                    )
+                figs["top_pairs"] = top_patch_pairs(
+                    x,
+                    pm,
+                    layers,
+                    name,
+                    neuron_weights=omega,
+                    k=min(8, k),
+                    y=self._y,
+                    title=f"{name}: top patch pairs (from: red, to: blue), step {record.step}",
+                    index=self._index,
+                )
+            elif shape is not None:
                 figs["top_points"] = plotting.top_points(
                     x,
                     imp,

@@ -166,7 +166,8 @@ class SWIMInit(Callback):
 
         Returns:
             Layer name -> ``(idx_from, idx_to)``: the indices into ``x`` of each neuron's pair, for the
-            layers it sampled and wrote (and only those).
+            layers it sampled and wrote (and only those); for a convolution, indices into the ``N L``
+            patches of its input (example ``q // L``, location ``q % L``), whose pairs are pairs of patches.
         """
         x = check_probe(x)
         if y is not None:
@@ -240,8 +241,10 @@ class SWIMInit(Callback):
             h = h.to(compute_dtype(h.dtype))
             width = layer.parameters()[0].shape[0]
             n_cand = h.shape[0] * max(1, -(-width // h.shape[0])) * self.candidates_per_point
+            # a convolution's points are the L patches of every example: each has its example's target
+            targets = y if y is None or layer.locations == 1 else y.repeat_interleave(layer.locations, dim=0)
             try:
-                i, j = sample_pairs(h, y, width, task=task, candidates=n_cand, generator=generator)
+                i, j = sample_pairs(h, targets, width, task=task, candidates=n_cand, generator=generator)
             except ValueError as err:
                 raise ValueError(f"Layer {layer.name!r}: {err}") from err
             w, b = swim_neurons(h[i], h[j], act)
