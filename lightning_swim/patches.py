@@ -5,26 +5,21 @@ A convolutional layer's map indexes the ``N L`` patches of its input (pair index
 :func:`~lightning_swim.map_network`). :func:`input_window` turns a location into the window of the
 model's input that the patch sees (its receptive field, through the convolutions before it), and
 :func:`top_patch_pairs` draws the pairs of a layer's weightiest neurons on their examples with the
-patch outlined (images) or shaded (signals), straight into a Pillow image.
+patch outlined (images) or shaded (signals), through :func:`lightning_swim.plotting.patch_pairs`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch import Tensor
 
 from lightning_swim._modelio import ConvKind, LayerReading
 from lightning_swim.pairmap import PairMap
-from lightning_swim.plotting import _font, _label, _name, _to_rgb
 
 __all__ = ["input_window", "top_patch_pairs"]
-
-_RED, _BLUE = (220, 40, 40), (40, 90, 220)
 
 
 def input_window(
@@ -77,17 +72,18 @@ def top_patch_pairs(
     name: str,
     *,
     neuron_weights: Tensor | None = None,
-    k: int = 8,
+    k: int = 6,
     y: Tensor | None = None,
     title: str = "",
     index: Tensor | None = None,
 ) -> Image.Image:
     """The patch pairs of the ``k`` weightiest neurons of convolution ``name``, each patch on its example.
 
-    Every pair is drawn as its two examples side by side, ``x_from`` with its window outlined in red
-    and ``x_to`` in blue: on the image for 2-D inputs ``[C, H, W]`` (C in 1, 3), on the signal's
-    curves for 1-D inputs ``[C, L]``. Windows come from :func:`input_window`; where they cannot be
-    carried back to the input, the labels give the patch's location on the layer's grid instead.
+    Every pair is drawn by :func:`~lightning_swim.plotting.patch_pairs`: its two examples side by side,
+    the window of the input that each patch sees outlined (images ``[C, H, W]``) or shaded (signals
+    ``[C, L]``). Windows come from :func:`input_window`; where they cannot be carried back to the
+    input (a pooling or a reshape before the layer), the whole examples are outlined and the title
+    says so.
 
     Args:
         x: the probe set the map was made on, ``[N, C, ...]``.
@@ -97,73 +93,42 @@ def top_patch_pairs(
         neuron_weights: ``[M]``; the pairs of the ``k`` largest are drawn (default: the first ``k``).
         y, index: labels and dataset indices of the probe rows, for the labels.
     """
+    from lightning_swim import plotting
+
     layer = next(la for la in layers if la.name == name)
     L = max(1, layer.locations)
-    weights = torch.ones(len(pm)) if neuron_weights is None else neuron_weights.detach().float().cpu()
-    weights = torch.where(pm.valid.cpu(), weights, torch.full_like(weights, -1.0))
-    k = max(1, min(k, int(pm.valid.sum())))
-    lo, hi = float(x.min()), float(x.max())
-    tiles: list[tuple[Image.Image, str]] = []
-    for m in torch.topk(weights, k).indices.tolist():
-        for role, colour, q in (("from", _RED, int(pm.idx_from[m])), ("to", _BLUE, int(pm.idx_to[m]))):
-            e, loc = q // L, q % L
-            win = input_window(layers, name, loc, tuple(x.shape[1:])) if q >= 0 else None
-            where = "" if win is not None or L == 1 else f" @{loc}"
-            label = f"neuron {m}: {role}\n{_name(index, e)}{_label(y, e)}{where}"
-            tiles.append((_tile(x[e], win, colour, lo, hi), label))
-    return _sheet(tiles, title or f"{name}: top patch pairs (from: red, to: blue)")
-
-
-def _tile(
-    example: Tensor, window: list[tuple[int, int]] | None, colour: tuple[int, int, int], lo: float, hi: float
-) -> Image.Image:
-    ex = example.detach().float().cpu()
-    if ex.ndim == 3:  # an image [C, H, W]
-        h, w = ex.shape[1:]
-        zoom = max(1, math.ceil(96 / max(h, w)))
-        img = ex.permute(1, 2, 0).numpy() if ex.shape[0] == 3 else ex[0].numpy()
-        rgb = _to_rgb(img, lo, hi, rgb=ex.shape[0] == 3)
-        tile = Image.fromarray(np.ascontiguousarray(rgb.repeat(zoom, 0).repeat(zoom, 1)))
-        if window is not None:
-            (r0, r1), (c0, c1) = window
-            box = (max(c0, 0) * zoom, max(r0, 0) * zoom, min(c1, w) * zoom - 1, min(r1, h) * zoom - 1)
-            ImageDraw.Draw(tile).rectangle(box, outline=colour, width=2)
-        return tile
-    sig = ex.reshape(-1, ex.shape[-1]).numpy()  # a signal [C, L]: one curve per channel
-    length, width, height = sig.shape[1], 180, 72
-    tile = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(tile)
-
-    def px(t: float) -> float:
-        return 4 + (width - 8) * t / max(length - 1, 1)
-
-    if window is not None:
-        (a, b) = window[0]
-        shade = (px(max(a, 0) - 0.5), 0.0, px(min(b, length) - 0.5), height - 1.0)
-        draw.rectangle(shade, fill=tuple(255 - (255 - v) // 6 for v in colour), outline=colour)
-    span = max(hi - lo, 1e-12)
-    for c in sig:
-        pts = [(px(t), height - 4 - (height - 8) * (v - lo) / span) for t, v in enumerate(c)]
-        draw.line(pts, fill=(30, 30, 30), width=1)
-    return tile
-
-
-def _sheet(tiles: list[tuple[Image.Image, str]], title: str, cols: int = 4) -> Image.Image:
-    font, title_font = _font(11), _font(14)
-    tw = max(t.width for t, _ in tiles)
-    th = max(t.height for t, _ in tiles)
-    label_h, pad = 30, 6
-    cell_w, cell_h = tw + 2 * pad, th + label_h + pad
-    rows = math.ceil(len(tiles) / cols)
-    width = max(cols * cell_w + (cols // 2) * 2 * pad, 8 * len(title))
-    image = Image.new("RGB", (width, 28 + rows * cell_h), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((width // 2, 8), title, fill="black", font=title_font, anchor="ma")
-    for n, (tile, label) in enumerate(tiles):
-        r, c = divmod(n, cols)
-        left = c * cell_w + (c // 2) * 2 * pad + pad
-        top = 28 + r * cell_h + label_h
-        image.paste(tile, (left, top))
-        draw.rectangle((left - 1, top - 1, left + tile.width, top + tile.height), outline=(190, 190, 190))
-        draw.multiline_text((left + tw // 2, top - 3), label, fill="black", font=font, anchor="md", align="center")
-    return image
+    spatial = x.ndim - 2
+    weights = torch.ones(len(pm)) if neuron_weights is None else neuron_weights.detach().float().cpu().abs()
+    neurons = torch.nonzero(pm.valid.cpu() & (pm.idx_from.cpu() >= 0)).ravel()
+    title = title or f"{name}: the top patch pairs"
+    examples: list[list[int]] = [[], []]
+    starts: list[list[list[int]]] = [[], []]
+    size: list[int] | None = None
+    traced = True
+    for m in neurons.tolist():
+        for side, q in enumerate((int(pm.idx_from[m]), int(pm.idx_to[m]))):
+            examples[side].append(q // L)
+            win = input_window(layers, name, q % L, tuple(x.shape[1:]))
+            if win is None:
+                traced = False
+                win = [(0, int(s)) for s in x.shape[2:]]
+            starts[side].append([a for a, _ in win])
+            size = [b - a for a, b in win]
+    if not traced:  # one window per layer fails or none: draw whole examples
+        starts = [[[0] * spatial for _ in s] for s in starts]
+        size = [int(s) for s in x.shape[2:]]
+        title += " (windows not traceable to the input: whole examples)"
+    return plotting.patch_pairs(
+        x,
+        torch.tensor(examples[0], dtype=torch.long),
+        torch.tensor(starts[0], dtype=torch.long).reshape(-1, spatial),
+        torch.tensor(examples[1], dtype=torch.long),
+        torch.tensor(starts[1], dtype=torch.long).reshape(-1, spatial),
+        size or [1] * spatial,
+        importance=weights[neurons],
+        neurons=neurons,
+        k=k,
+        y=y,
+        index=index,
+        title=title,
+    )

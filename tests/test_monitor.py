@@ -211,11 +211,12 @@ def _custom_scalar_layout(log_dir: Path) -> bool:
 
                     layout = layout_pb2.Layout()
                     layout.ParseFromString(value.tensor.string_val[0])
-                    charts = [c.title for cat in layout.category for c in cat.chart]
-                    tags = [t for cat in layout.category for c in cat.chart for t in c.multiline.tag]
-                    return (
-                        "effective number of points (and with random pairs)" in charts
-                        and "swim/net.0/effective_points" in tags
+                    (net0,) = [cat for cat in layout.category if cat.title == "SWIM: layer net.0"]
+                    (chart,) = [c for c in net0.chart if c.title.startswith("effective number of points")]
+                    series = chart.margin.series[0]  # a line with its reference shaded
+                    return (series.value, series.lower) == (
+                        "swim/net.0/effective_points",
+                        "swim/net.0/effective_points_random_pairs",
                     )
     return False
 

@@ -35,21 +35,48 @@ from lightning_swim.history import MapRecord, ProbeSet, new_run_id, save_map, st
 
 __all__ = ["PairImportanceMonitor"]
 
-_QUANTITIES = {  # custom-scalar chart title -> per-layer tag suffixes (a quantity, then its reference)
-    "median parameter-space cost": ("param_cost_median",),
-    "median function-space error": ("func_error_median",),
-    "near-optimal pairs per neuron (median)": ("near_pairs_median", "near_points_median"),
-    "share of neurons with near-tied pairs": ("ambiguous_share",),
-    "unmapped (dead) neurons": ("unmapped_neurons", "dead_neurons"),
-    "importance entropy (nats)": ("importance_entropy",),
-    "effective number of points (and with random pairs)": ("effective_points", "effective_points_random_pairs"),
-    "turnover since the previous map": ("turnover",),
-    "Jensen-Shannon divergence since the previous map": ("js_divergence",),
-    "top-k overlap with the previous map": ("topk_overlap",),
-    "share of cross-class pairs": ("cross_class_share",),
-    "Sinkhorn divergence to SWIM's distribution": ("sinkhorn_divergence",),
-    "fidelity with this layer rebuilt (and from random pairs)": ("fidelity", "fidelity_random_pairs"),
-}
+# The custom-scalar charts. TensorBoard draws every series of one run in the run's colour and tells them
+# apart only by a marker, assigned in an order that changes from one TensorBoard session to the next (its
+# data server lists tags in hash order), with the legend folded away; so no chart holds two series of this
+# run as lines. A quantity and its references go on one "Margin" chart instead: a line for the quantity and,
+# shaded, the band between its references (or between the quantity and its one reference); a quantity
+# without a reference is a margin chart with an empty band. Margin charts are drawn unsmoothed, which suits
+# a few dozen maps. Per layer: (title, tag suffixes), one suffix (a line) or three (line, band, band).
+_QUANTITIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "fidelity, this layer rebuilt: line from its pairs, shaded down to random pairs",
+        ("fidelity", "fidelity_random_pairs", "fidelity"),
+    ),
+    (
+        "effective number of points: line from its pairs, shaded up to random pairs",
+        ("effective_points", "effective_points_random_pairs", "effective_points"),
+    ),
+    ("turnover of the pairs since the previous map", ("turnover",)),
+    ("top-k overlap of the important points with the previous map", ("topk_overlap",)),
+    ("median function-space error of a neuron's pair", ("func_error_median",)),
+    ("median parameter-space cost of a neuron's pair", ("param_cost_median",)),
+    ("share of neurons with near-tied pairs", ("ambiguous_share",)),
+    ("unmapped neurons (dead ones included)", ("unmapped_neurons",)),
+    ("share of pair weight joining two classes", ("cross_class_share",)),
+    ("Sinkhorn divergence to SWIM's distribution", ("sinkhorn_divergence",)),
+)
+_NETWORK_CHARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "fidelity, all layers rebuilt, output layer kept: line from the pairs, band from chance to random pairs",
+        ("fidelity_keep", "fidelity_chance", "fidelity_keep_random_pairs"),
+    ),
+    (
+        "fidelity, all layers rebuilt, output layer refitted: line from the pairs, band from chance to random pairs",
+        ("fidelity_refit", "fidelity_chance", "fidelity_refit_random_pairs"),
+    ),
+)
+
+
+def _chart(prefix: str, title: str, suffixes: tuple[str, ...]) -> tuple[str, list[Any]]:
+    """One chart in ``SummaryWriter.add_custom_scalars``'s format: a margin chart of the tags (value, lower,
+    upper), the one tag three times for a quantity without a reference."""
+    tags = [f"{prefix}/{s}" for s in suffixes]
+    return title, ["Margin", tags * 3 if len(tags) == 1 else tags]
 
 
 class PairImportanceMonitor(Callback):
@@ -103,9 +130,13 @@ class PairImportanceMonitor(Callback):
       original's most frequent prediction; 0 for regression);
     - ``swim/map_seconds``: the duration of the map;
     - histogram ``swim/<layer>/importance``: the per-point importance;
-    - images (TensorBoard): ``swim/<layer>/top_points`` and ``swim/<layer>/top_pairs`` for image-like
-      inputs, ``swim/<layer>/pairs`` for 2-D inputs, ``swim/<layer>/importance_over_time``;
-    - a custom-scalar layout that puts each quantity's per-layer curves on one chart.
+    - images (TensorBoard, :mod:`lightning_swim.plotting`, drawn for its default card size):
+      ``swim/<layer>/top_points`` (the most important probe points) and ``swim/<layer>/top_pairs``
+      (the pairs of the weightiest neurons), drawn as pictures for images, lines for signals and rows
+      of feature cells for tabular data, or ``swim/<layer>/pairs`` (arrows) for 2-D inputs; and
+      ``swim/<layer>/importance_over_time``; points named by their dataset index;
+    - a custom-scalar layout: a section for the network and one per layer, a chart per quantity with
+      its references shaded (only charts of what is logged).
 
     Args:
         every_n_train_steps: map every this many optimizer steps (exclusive with ``every_n_epochs``).
@@ -129,7 +160,7 @@ class PairImportanceMonitor(Callback):
             ``"argmin"`` (its best pair only).
         neuron_weights: ``"contribution"`` (:math:`|w_m| |a_m|`) or ``"uniform"`` weights of the
             neurons in the importance.
-        topk_points: ``k`` of the top-k overlap and of the image grids.
+        topk_points: ``k`` of the top-k overlap and of the figure of the most important points.
         fidelity: rebuild the network from its pairs and log its fidelity.
         task: ``"classification"`` (prediction agreement) or ``"regression"`` (R²) for the fidelity;
             default from the probe's targets (integer: classification), else from the output width.
@@ -137,7 +168,9 @@ class PairImportanceMonitor(Callback):
         n_candidates, blur, reach: options of the transport.
         log_images: log the figures at every map (True), at fit end (``"end"``, the default), at fit
             start and end (``"ends"``), or never (False).
-        image_shape: the shape of one example as an image (default: guessed from the probe set).
+        image_shape: the shape of one example as an image, e.g. ``(1, 28, 28)`` (default: guessed from the
+            probe set by :func:`~lightning_swim.plotting.guess_image_shape`: flat vectors only when their
+            neighbouring pixels are correlated, so tabular data is never drawn as a pseudo-image).
         save_history: write every map to ``<log_dir>/swim_maps`` (``log_dir`` of the first
             TensorBoardLogger, else the trainer's), or the next free ``swim_maps-v<k>`` if that folder
             holds another run's history; the folder in use is ``monitor.history_dir``.
@@ -583,24 +616,33 @@ class PairImportanceMonitor(Callback):
         return when in figures_at.get(self.log_images, ())
 
     def _layout(self, layers: list[str]) -> dict[str, Any]:
-        charts = {
-            title: ["Multiline", [f"swim/{name}/{suffix}" for name in layers for suffix in suffixes]]
-            for title, suffixes in _QUANTITIES.items()
-        }
-        charts["network fidelity (rebuilt from pairs; references: random pairs, chance)"] = [
-            "Multiline",
-            [
-                "swim/network/fidelity_keep",
-                "swim/network/fidelity_keep_random_pairs",
-                "swim/network/fidelity_refit",
-                "swim/network/fidelity_refit_random_pairs",
-                "swim/network/fidelity_chance",
-            ],
-        ]
-        return {"SWIM pair maps": charts}
+        """The custom-scalar layout: a category for the whole network, then one per layer, with a chart per
+        quantity and its references (see ``_QUANTITIES``); only charts of what this monitor logs.
+
+        TensorBoard (2.21) draws a category's margin charts last first: they are listed in reverse.
+        """
+        skip = set()
+        if not self.config.fidelity:
+            skip |= {"fidelity", "fidelity_random_pairs"}
+        if not self.config.transport:
+            skip.add("sinkhorn_divergence")
+        if self._y is None or self._y.is_floating_point():  # no class labels: no cross-class share
+            skip.add("cross_class_share")
+        network = [_chart("swim/network", t, s) for t, s in _NETWORK_CHARTS] if self.config.fidelity else []
+        network.append(_chart("swim", "seconds per map", ("map_seconds",)))
+        layout = {"SWIM: whole network": dict(reversed(network))}
+        for name in layers:
+            charts = [_chart(f"swim/{name}", t, s) for t, s in _QUANTITIES if not skip.intersection(s)]
+            layout[f"SWIM: layer {name}"] = dict(reversed(charts))
+        return layout
 
     def _log_figures(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: MapRecord) -> None:
-        """The figures of ``record``, the last map made (its importance is the last in the history)."""
+        """The figures of ``record``, the last map made (its importance is the last in the history).
+
+        Per layer: the most important points and the pairs of the weightiest neurons (drawn as images,
+        signals or rows of feature cells, see :mod:`lightning_swim.plotting`), or the pair arrows of 2-D
+        inputs, and the importance over training; points are named by their dataset index.
+        """
         from lightning_swim import plotting
 
         writer = self._writer(trainer)
@@ -608,10 +650,11 @@ class PairImportanceMonitor(Callback):
             return
         self._figures_step = record.step
         assert self._x is not None
-        x = self._x
-        shape = self.image_shape or plotting.guess_image_shape(tuple(x.shape[1:]))
+        x, y, index = self._x, self._y, self._index
+        shape = self.image_shape or plotting.guess_image_shape(tuple(x.shape[1:]), x)
         layers = read_model(self._target(pl_module), x[:2], activations=self.config.activations).layers
         k = self.config.topk_points
+        step = record.step
         for name, pm in record.maps.items():
             imp = record.importance[name]
             omega = neuron_weights_of(layers, name, self.config.neuron_weights)
@@ -620,53 +663,48 @@ class PairImportanceMonitor(Callback):
             if conv is not None and conv.locations > 1:  # a convolution: its pairs are patches of examples
                 from lightning_swim.patches import top_patch_pairs
 
-                if shape is not None:
-                    figs["top_points"] = plotting.top_points(
-                        x, imp, shape, k=k, y=self._y, title=f"{name}: most important examples, step {record.step}"
-                    )
+                figs["top_points"] = plotting.top_points(
+                    x, imp, shape, k=k, y=y, index=index, title=f"{name}: the most important examples, step {step}"
+                )
                 figs["top_pairs"] = top_patch_pairs(
                     x,
                     pm,
                     layers,
                     name,
                     neuron_weights=omega,
-                    k=min(8, k),
-                    y=self._y,
-                    title=f"{name}: top patch pairs (from: red, to: blue), step {record.step}",
-                    index=self._index,
+                    k=min(6, k),
+                    y=y,
+                    index=index,
+                    title=f"{name}: the top patch pairs at step {step}",
                 )
-            elif shape is not None:
+            elif len(imp) != len(x):  # the layer's points are not the probe's examples
+                pass
+            elif shape is None and x.ndim == 2 and x.shape[1] == 2:
+                figs["pairs"] = plotting.pair_arrows(
+                    x, pm, importance=imp, neuron_weights=omega, y=y, title=f"{name}: its pairs at step {step}"
+                )
+            else:
                 figs["top_points"] = plotting.top_points(
-                    x,
-                    imp,
-                    shape,
-                    k=k,
-                    y=self._y,
-                    title=f"{name}: most important points, step {record.step}",
-                    index=self._index,
+                    x, imp, shape, k=k, y=y, index=index, title=f"{name}: the most important points, step {step}"
                 )
                 figs["top_pairs"] = plotting.top_pairs(
                     x,
                     pm,
                     shape,
                     neuron_weights=omega,
-                    k=min(8, k),
-                    y=self._y,
-                    title=f"{name}: top pairs, step {record.step}",
-                    index=self._index,
-                )
-            elif x.ndim == 2 and x.shape[1] == 2:
-                figs["pairs"] = plotting.pair_arrows(
-                    x, pm, importance=imp, neuron_weights=omega, y=self._y, title=f"{name}: pairs at step {record.step}"
+                    k=6,
+                    y=y,
+                    index=index,
+                    title=f"{name}: the pairs of its weightiest neurons, step {step}",
                 )
             figs["importance_over_time"] = plotting.importance_heatmap(
-                self._importances[name], self._steps, title=f"{name}: importance over training", index=self._index
+                self._importances[name], self._steps, title=f"{name}: pair importance over training", index=index, y=y
             )
             for key, fig in figs.items():
                 if isinstance(fig, Image.Image):
-                    _add_png(writer, f"swim/{name}/{key}", fig, record.step)
+                    _add_png(writer, f"swim/{name}/{key}", fig, step)
                 else:
-                    writer.add_figure(f"swim/{name}/{key}", fig, global_step=record.step, close=False)
+                    writer.add_figure(f"swim/{name}/{key}", fig, global_step=step, close=False)
 
     # -- what other callbacks read ----------------------------------------------------------------
 
