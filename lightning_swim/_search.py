@@ -56,6 +56,8 @@ BACKENDS = ("auto", "keops", "torch")
 KEOPS_DIM_MULTIPLE = 16  # input dims are zero-padded to a multiple of this: fewer distinct formulas
 _BIG = 1e30
 _warned = {"keops": False}
+# why KeOps failed in this process, per device type: "auto" does not retry it (a compilation at every map)
+_keops_failure: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -360,17 +362,22 @@ def rowmin(x: Tensor, v: Tensor, gamma: Tensor, fam: Family, *, backend: str, ma
             reasons.append(f"compiled CPU kernel: {err}")
         else:
             return _rowmin_kernel(kern, x, v, gamma, fam, max_memory=max_memory), "cpu-kernel"
-    try:
-        return rowmin_keops(x, v, gamma, fam), "keops"
-    except Exception as err:  # KeOps unavailable, or failing to compile or load a formula
-        if backend == "keops":
-            if isinstance(err, KeOpsUnavailableError):
-                raise
-            raise KeOpsUnavailableError(
-                f"KeOps failed on the pair search ({type(err).__name__}: {err}). Use backend='torch' or "
-                "backend='auto' to run without it."
-            ) from err
-        reasons.append(f"KeOps: {type(err).__name__}: {str(err)[:200]}")
+    failed = _keops_failure.get(x.device.type) if backend == "auto" else None
+    if failed is not None:
+        reasons.append(failed)
+    else:
+        try:
+            return rowmin_keops(x, v, gamma, fam), "keops"
+        except Exception as err:  # KeOps unavailable, or failing to compile or load a formula
+            if backend == "keops":
+                if isinstance(err, KeOpsUnavailableError):
+                    raise
+                raise KeOpsUnavailableError(
+                    f"KeOps failed on the pair search ({type(err).__name__}: {err}). Use backend='torch' or "
+                    "backend='auto' to run without it."
+                ) from err
+            reasons.append(f"KeOps: {type(err).__name__}: {str(err)[:200]}")
+            _keops_failure[x.device.type] = reasons[-1]
     if not _warned["keops"]:
         _warned["keops"] = True
         warnings.warn(

@@ -288,6 +288,34 @@ class TestKeOpsFallback:
         with pytest.raises(KeOpsUnavailableError, match="no compiler"):
             map_layer(w, b, x, backend="keops", refine="function")
 
+    def test_the_monitor_shows_the_fallback_and_tries_once(self, tmp_path, monkeypatch):
+        """Issue 11.10: the warning reaches the user from inside a fit, and KeOps is not retried at every map."""
+        from helpers import MLPModule, trainer
+
+        from lightning_swim import PairImportanceMonitor, _search
+
+        calls = []
+
+        def broken(*args, **kwargs):
+            calls.append(1)
+            raise RuntimeError("g++ not found")
+
+        def no_kernel():
+            raise CpuKernelUnavailableError("no compiler here")
+
+        monkeypatch.setattr(_search, "rowmin_keops", broken)
+        monkeypatch.setattr(_search, "cpu_kernel", no_kernel)
+        monkeypatch.setitem(_search._warned, "keops", False)
+        monkeypatch.setattr(_search, "_keops_failure", {})
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(96, 5, generator=g), torch.randint(0, 3, (96,), generator=g)
+        monitor = PairImportanceMonitor(every_n_epochs=1, probe_size=48, top_k=4, fidelity=False, log_images=False)
+        with pytest.warns(RuntimeWarning, match="g\\+\\+ not found") as record:
+            trainer(tmp_path, max_epochs=3, callbacks=[monitor]).fit(MLPModule([5, 8, 8, 3], x, y))
+        assert len(monitor._steps) >= 3
+        assert sum("plain-PyTorch" in str(w.message) for w in record) == 1
+        assert len(calls) == 1  # the first map found KeOps failing; later maps go straight to PyTorch
+
     def test_compile_failure_is_wrapped(self, monkeypatch):
         from lightning_swim import _search
 
