@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import copy
+import json
+import os
 import pickle
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lightning_swim import PairImportanceMonitor, load_history, load_probe, map_network
 from lightning_swim._datasets import digits, log_2d
+from lightning_swim._schedule import plan_steps
 from lightning_swim.callbacks import pair_importance
 
 HERE = Path(__file__).parent
@@ -142,21 +145,70 @@ class TestLogging:
         assert list(history[0].maps) == ["net.2"]
         assert torch.equal(load_probe(t.log_dir)[0], x[:50])
 
-    @pytest.mark.parametrize(
-        ("max_overhead", "steps"), [(1e-4, [0, 15]), (0.5, [0, 11, 14, 15]), (10.0, list(range(16)))]
-    )
-    def test_default_schedule_keeps_to_the_overhead_budget(self, tmp_path, data, monkeypatch, max_overhead, steps):
-        # A clock that ticks one second per reading makes the schedule exact: fit start is read at 0, a
-        # map spans two readings (2 s) and takes three, one reading passes per training step, and a map
-        # is due once the maps so far plus two more (the next, and the one at fit end) fit in
-        # `max_overhead` times the training time. At 0.5: after the start map (2 s), step 11 reads 14,
-        # the first with 0.5 * (14 - 2) >= 2 + 2 * 2.
-        ticks = iter(range(10**6))
-        monkeypatch.setattr(pair_importance, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    @pytest.mark.parametrize(("cost", "kept_indices"), [(0.1, list(range(20))), (0.5, [0, 1, 4, 8, 12, 15, 18, 19])])
+    def test_default_schedule_plans_evenly_and_thins_to_the_budget(self, tmp_path, data, monkeypatch, caplog, cost, kept_indices):
+        # A virtual clock: a training step takes 1 s, a map `cost` s, the warm-up (compilation) 100 s.
+        # 8 epochs of 5 steps: 20 maps planned at round(k 40 / 19); 10% of 40 s of training is 4 s.
+        # At 0.1 s a map all 20 fit (2 s). At 0.5 s, after the maps at steps 0 and 2 (1 s spent),
+        # every 4th planned map is the sparsest plan that fits (5 more: 3.5 s); at the 12th planned
+        # step (2.5 s spent) every 3rd fits again (3 more: 4.0 s). The 100 s warm-up is never charged.
+        clock = [0.0]
+        monkeypatch.setattr(pair_importance, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+        real_analyse, real_warm_up = pair_importance.analyse_network, pair_importance.warm_up
+
+        def analyse(*args, **kwargs):
+            clock[0] += cost
+            return real_analyse(*args, **kwargs)
+
+        def warm_up(*args, **kwargs):
+            clock[0] += 100.0
+            return real_warm_up(*args, **kwargs)
+
+        class Tick(pl.Callback):
+            def on_train_batch_start(self, *args):
+                clock[0] += 1.0
+
+        monkeypatch.setattr(pair_importance, "analyse_network", analyse)
+        monkeypatch.setattr(pair_importance, "warm_up", warm_up)
         x, y = data
-        monitor = PairImportanceMonitor(max_overhead=max_overhead, probe_size=32, top_k=4, fidelity=False)
-        fit(tmp_path, MLPModule([64, 8, 10], x, y), monitor, max_epochs=3)
-        assert monitor._steps == steps
+        monitor = PairImportanceMonitor(probe_size=32, top_k=4, fidelity=False, log_images=False)
+        with caplog.at_level("INFO"):
+            t = trainer(tmp_path, callbacks=[Tick(), monitor], max_epochs=8, logger=TensorBoardLogger(tmp_path))
+            t.fit(MLPModule([64, 8, 10], x, y))
+        plan = plan_steps(40, 20)
+        assert monitor._plan == plan and len(plan) == 20
+        assert monitor._steps == [plan[k] for k in kept_indices]
+        assert monitor._map_seconds == pytest.approx(cost * len(kept_indices))
+        assert monitor._map_seconds <= 0.1 * monitor._train_seconds + 1e-9
+        planned = [r.message for r in caplog.records if "maps planned" in r.message]
+        assert len(planned) == 1 and "20 maps planned over 40 steps" in planned[0]
+        thinned = [r.message for r in caplog.records if "thinned" in r.message]
+        assert len(thinned) == (cost > 0.1)
+
+    @pytest.mark.slow
+    def test_forty_epochs_with_empty_caches_get_every_planned_map(self, tmp_path):
+        """Issue 12: the default schedule on a 40-epoch fit (200 steps) in a fresh process whose compiled-kernel
+        and KeOps caches start empty: the compilation happens in the warm-up, before the first map, and is
+        not charged to the budget, so all 20 planned maps are made, evenly spaced, none on consecutive steps."""
+        env = {
+            **os.environ,
+            "LIGHTNING_SWIM_KEOPS_CACHE": str(tmp_path / "keops"),
+            "LIGHTNING_SWIM_CPU_KERNEL_CACHE": str(tmp_path / "kernel"),
+        }
+        out = subprocess.run(
+            [sys.executable, str(HERE / "schedule_fit_script.py"), str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        assert got["total"] == 200 and got["plan"] == plan_steps(200, 20)
+        assert got["steps"] == got["plan"]  # every planned map, at its planned step
+        assert min(b - a for a, b in zip(got["steps"], got["steps"][1:], strict=False)) >= 10
+        assert got["before"] == 0 < got["after_warm_up"]  # compiled in the warm-up, from an empty cache
+        assert got["map_seconds"] <= 0.1 * got["train_seconds"]
 
     def test_skipped_in_fast_dev_run(self, tmp_path, data):
         x, y = data
