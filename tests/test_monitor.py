@@ -210,6 +210,14 @@ class TestLogging:
         assert got["before"] == 0 < got["after_warm_up"]  # compiled in the warm-up, from an empty cache
         assert got["map_seconds"] <= 0.1 * got["train_seconds"]
 
+    def test_epochs_are_zero_based_also_at_fit_end(self, tmp_path, data):
+        # 2 epochs of 5 steps: maps at steps 0, 4, 8 and at fit end (10), during epochs 0, 0, 1, 1
+        x, y = data
+        monitor = PairImportanceMonitor(every_n_train_steps=4, probe_size=32, top_k=4, fidelity=False, log_images=False)
+        t = fit(tmp_path, MLPModule([64, 8, 10], x, y), monitor, max_epochs=2)
+        history = load_history(t.log_dir)
+        assert [(r.step, r.epoch) for r in history] == [(0, 0), (4, 0), (8, 1), (10, 1)]
+
     def test_skipped_in_fast_dev_run(self, tmp_path, data):
         x, y = data
         module = MLPModule([64, 12, 10], x, y)
