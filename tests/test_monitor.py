@@ -145,13 +145,15 @@ class TestLogging:
         assert list(history[0].maps) == ["net.2"]
         assert torch.equal(load_probe(t.log_dir)[0], x[:50])
 
-    @pytest.mark.parametrize(("cost", "kept_indices"), [(0.1, list(range(20))), (0.5, [0, 1, 4, 8, 12, 15, 18, 19])])
-    def test_default_schedule_plans_evenly_and_thins_to_the_budget(self, tmp_path, data, monkeypatch, caplog, cost, kept_indices):
+    @pytest.mark.parametrize(("cost", "kept_indices"), [(0.1, list(range(20))), (0.5, [0, 3, 6, 9, 12, 15, 18, 19])])
+    def test_default_schedule_plans_evenly_and_thins_to_the_budget(
+        self, tmp_path, data, monkeypatch, caplog, cost, kept_indices
+    ):
         # A virtual clock: a training step takes 1 s, a map `cost` s, the warm-up (compilation) 100 s.
         # 8 epochs of 5 steps: 20 maps planned at round(k 40 / 19); 10% of 40 s of training is 4 s.
-        # At 0.1 s a map all 20 fit (2 s). At 0.5 s, after the maps at steps 0 and 2 (1 s spent),
-        # every 4th planned map is the sparsest plan that fits (5 more: 3.5 s); at the 12th planned
-        # step (2.5 s spent) every 3rd fits again (3 more: 4.0 s). The 100 s warm-up is never charged.
+        # At 0.1 s a map all 20 fit (2 s). At 0.5 s, when the second planned map is due (0.5 s spent),
+        # every 3rd planned map is the densest plan whose 7 maps still fit (0.5 + 3.5 s): the second is
+        # skipped, and every 3rd is kept to the end (4.0 s). The 100 s warm-up is never charged.
         clock = [0.0]
         monkeypatch.setattr(pair_importance, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
         real_analyse, real_warm_up = pair_importance.analyse_network, pair_importance.warm_up

@@ -109,10 +109,11 @@ class PairImportanceMonitor(Callback):
     ``trainer.estimated_stepping_batches`` optimizer steps ``T``: the first at step 0 (before
     training), the last at step ``T`` (fit end), evenly spaced between (``spacing="linear"``: every
     ``T / (n_maps - 1)`` steps) or evenly in ``log(step)`` (``spacing="log"``: denser early). The plan
-    is thinned only if the maps would take more than ``max_overhead`` of the training time: after
-    each map from the second on, the measured cost of the last map and the training time per step
-    so far give the projected total, and the monitor keeps every ``s``-th planned map (and the last)
-    with the smallest ``s`` that fits. Every map is a planned one, so no two maps are ever closer than
+    is thinned only if the maps would take more than ``max_overhead`` of the training time: before
+    each planned map after the first, and after each map, the measured cost of the last map and the
+    training time per step so far give the projected total, and the monitor keeps every ``s``-th
+    planned map (and the last) with the smallest ``s`` that fits (a map due at a step that is no
+    longer kept is skipped). Every map is a planned one, so no two maps are ever closer than
     the planned spacing. What a first map compiles (KeOps formulas, compiled kernels) is compiled at
     fit start by a warm-up on a few probe rows (:func:`~lightning_swim.analysis.warm_up`) and is not
     charged to the budget. The plan is reported at fit start, a thinning when it first happens, and
@@ -457,7 +458,7 @@ class PairImportanceMonitor(Callback):
                 self._run(trainer, pl_module, "step")
             return
         due = self._next_due()
-        if due is not None and step >= due:
+        if due is not None and step >= due and self._still_due(trainer, step):
             last = self._plan_total is not None and step >= self._plan[-1]
             self._run(trainer, pl_module, "end" if last else "step")
 
@@ -536,13 +537,31 @@ class PairImportanceMonitor(Callback):
         last = self._steps[-1] if self._steps else -1
         return next((s for s in self._kept() if s > last), None)
 
+    def _still_due(self, trainer: pl.Trainer, step: int) -> bool:
+        """Before a planned map: thin the plan if this map and the later ones, at the last map's cost, would
+        exceed the budget, and say whether this step is still kept (rank zero's word under DDP)."""
+        keep = True
+        if trainer.is_global_zero and self._mark is not None and step > 0 and self._last_map_seconds > 0:
+            training = self._train_seconds + max(0.0, time.perf_counter() - self._mark)
+            self._thin(step, training, step - 1)  # the maps from this step on
+            due = self._next_due()
+            keep = due is not None and due <= step  # (a planned step all the same: it was due before)
+        if self._sharing(trainer) is not None:
+            keep, self._stride = trainer.strategy.broadcast((keep, self._stride), src=0)
+        return keep
+
     def _after_map(self, step: int) -> None:
         """After a map (rank zero): thin the rest of the plan if the maps would exceed the budget."""
+        self._thin(step, self._train_seconds, step)
+
+    def _thin(self, step: int, training: float, after: int) -> None:
+        """Keep every ``stride``-th planned map after step ``after``, the smallest stride within budget, given
+        ``training`` seconds of training up to ``step``."""
         total = self._plan_total
-        if not self._scheduled() or total is None or step <= 0 or self._train_seconds <= 0:
+        if not self._scheduled() or total is None or step <= 0 or training <= 0:
             return
-        allowed = self.max_overhead * self._train_seconds / step * total
-        stride = choose_stride(self._plan, step, self._map_seconds, self._last_map_seconds, allowed)
+        allowed = self.max_overhead * training / step * total
+        stride = choose_stride(self._plan, after, self._map_seconds, self._last_map_seconds, allowed)
         if stride > 1 and not self._thinned:
             self._thinned = True
             n_kept = len(kept(self._plan, stride))
