@@ -22,6 +22,7 @@ the script prints the core count next to it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import socket
 import statistics
@@ -45,7 +46,7 @@ def model_and_probe(width: int, layers: int, probe: int) -> tuple[nn.Module, tor
     x, y, _, _ = digits()
     widths = [64] + [width] * layers
     mods: list[nn.Module] = []
-    for a, b in zip(widths, widths[1:], strict=False):
+    for a, b in itertools.pairwise(widths):
         lin = nn.Linear(a, b)
         with torch.no_grad():
             lin.weight.copy_(torch.randn(b, a, generator=gen) / a**0.5)

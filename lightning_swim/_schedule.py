@@ -65,7 +65,7 @@ def plan_steps(total: int, n_maps: int, spacing: str = "linear") -> list[int]:
         steps.append(step)
     if total - steps[-1] < least and len(steps) > 1:
         steps.pop()  # the last map is fit end's
-    return steps + [total]
+    return [*steps, total]
 
 
 def unknown_horizon_steps(up_to: int) -> list[int]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import MLPModule, trainer
@@ -85,7 +84,9 @@ class TestInATrainer:
         x, y = data
         module = _DictModule(x, y, kx, ky)
         fresh = copy.deepcopy(module)
-        monitor = PairImportanceMonitor(every_n_epochs=1, probe_size=48, top_k=4, log_images=False, batch_to_input=reader)
+        monitor = PairImportanceMonitor(
+            every_n_epochs=1, probe_size=48, top_k=4, log_images=False, batch_to_input=reader
+        )
         init = SWIMInit(probe_size=100, seed=3, batch_to_input=reader)
         trainer(tmp_path, max_epochs=1, callbacks=[init, monitor]).fit(module)
         # the monitor's probe: the dataset rows at its drawn indices, labels included
@@ -100,8 +101,8 @@ class TestInATrainer:
     def test_an_unreadable_batch_warns_with_the_fix_and_training_goes_on(self, tmp_path, data):
         x, y = data
         monitor = PairImportanceMonitor(probe_size=48, log_images=False)
+        t = trainer(tmp_path, max_epochs=1, callbacks=[monitor])
         with pytest.warns(UserWarning, match="batch_to_input"):
-            t = trainer(tmp_path, max_epochs=1, callbacks=[monitor])
             t.fit(_DictModule(x, y, "pixels", "class"))
         assert monitor._steps == [] and t.current_epoch == 1
 

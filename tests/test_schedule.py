@@ -50,7 +50,7 @@ def test_log_plan_of_a_short_fit_keeps_start_and_end():
 def test_kept_is_every_stride_th_planned_step_and_the_last():
     plan = plan_steps(200, 20)
     assert kept(plan, 1) == plan
-    assert kept(plan, 3) == plan[0:19:3] + [200]
+    assert kept(plan, 3) == [*plan[0:19:3], 200]
     assert kept(plan, len(plan)) == [0, 200]
     for stride in range(1, 21):  # kept maps are planned ones: never closer than the plan's spacing
         assert min(b - a for a, b in itertools.pairwise(kept(plan, stride))) >= 10

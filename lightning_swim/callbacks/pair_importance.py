@@ -33,7 +33,7 @@ from typing_extensions import override
 
 from lightning_swim._checks import check_choice, check_positive_int, split_probe
 from lightning_swim._data import draw_probe, read_batch
-from lightning_swim._modelio import ActivationSpec, linear_layers, read_model
+from lightning_swim._modelio import ActivationSpec, read_model
 from lightning_swim._schedule import SPACINGS, choose_stride, kept, plan_steps, unknown_horizon_steps
 from lightning_swim.analysis import (
     AnalysisConfig,
