@@ -583,7 +583,9 @@ class PairImportanceMonitor(Callback):
 
     def _warm_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Compile what the first map would (KeOps formulas, compiled kernels) on a few probe rows, before
-        the clocks start; a failure here is left to the first map to report."""
+        the clocks start; a failure here is left to the first map to report. Under DDP rank zero compiles
+        every rank's formulas first, alone (processes compiling into one fresh KeOps cache at once are not
+        locked against each other), then the other ranks load theirs."""
         if self._x is None:
             return
         shared = self._sharing(trainer)
@@ -591,12 +593,23 @@ class PairImportanceMonitor(Callback):
             return
         patterns = tuple(self.layer_patterns) if self.layer_patterns is not None else None
         config = dataclasses.replace(self.config, layers=patterns)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                warm_up(self._target(pl_module), self._x, config=config, shard=shared or (0, 1))
-        except Exception:
-            pass
+
+        def run(shard: tuple[int, int]) -> None:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    warm_up(self._target(pl_module), self._x, config=config, shard=shard)
+            except Exception:
+                pass
+
+        if shared is None:
+            run((0, 1))
+            return
+        if trainer.is_global_zero:
+            run((0, 1))  # every unit of the map: all the formulas any rank will need
+        trainer.strategy.barrier("swim-warm-up")
+        if not trainer.is_global_zero:
+            run(shared)
 
     # -- what ------------------------------------------------------------------------------------
 
