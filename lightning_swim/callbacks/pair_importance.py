@@ -595,6 +595,7 @@ class PairImportanceMonitor(Callback):
         config = dataclasses.replace(self.config, layers=patterns)
 
         def run(shard: tuple[int, int]) -> None:
+            assert self._x is not None
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
