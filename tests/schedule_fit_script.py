@@ -1,7 +1,7 @@
 """Run by test_monitor.test_forty_epochs_with_empty_caches: a 40-epoch fit with the default schedule in a
 fresh process whose KeOps and CPU-kernel caches (set by the test) start empty.
 
-The monitor's clock is the real one plus 1 s per training step (a network whose steps take that much
+The monitor's clock is the real one plus 5 s per training step (a network whose steps take that much
 longer than this tiny one), so that a map at the measured cost takes a small share of the training time,
 while whatever the monitor charges to the budget (a compilation included) is measured for real. Prints
 one JSON line: the plan, the maps made, the seconds charged, and what the caches held when."""
@@ -50,7 +50,7 @@ def main() -> None:
 
     class SlowSteps(pl.Callback):
         def on_train_batch_start(self, *args):
-            offset[0] += 1.0
+            offset[0] += 5.0
 
     xtr, ytr, _, _ = digits()
     monitor = PairImportanceMonitor(probe_size=64)  # the default schedule; a small probe keeps the test short

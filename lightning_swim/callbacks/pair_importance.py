@@ -596,12 +596,13 @@ class PairImportanceMonitor(Callback):
 
         def run(shard: tuple[int, int]) -> None:
             assert self._x is not None
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                with contextlib.suppress(Exception):  # a failure is left to the first map to report
                     warm_up(self._target(pl_module), self._x, config=config, shard=shard)
-            except Exception:
-                pass
+            for w in said:  # what only a first search says (a backend falling back) is said here, once
+                if issubclass(w.category, RuntimeWarning):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
         if shared is None:
             run((0, 1))
