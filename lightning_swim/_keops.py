@@ -15,6 +15,12 @@ padded input dimension) and keeps its cache apart from other KeOps users:
 Without a compiler, the import of pykeops only warns and the first new formula fails; every KeOps
 path in lightning_swim has a plain-PyTorch twin that ``backend="auto"`` falls back to.
 
+KeOps is imported quietly (:func:`pykeops_torch`, also before GeomLoss: :func:`import_geomloss`): what
+it prints at import is caught; its notice that a machine without CUDA runs on the CPU ("CUDA libraries
+not found ... Switching to CPU only") is dropped where PyTorch sees no GPU either, any other line is
+raised as a ``RuntimeWarning``, and its messages while compiling are turned off. ``KEOPS_VERBOSE=1``
+(or ``PYKEOPS_VERBOSE=1``) keeps all of its output, ``KEOPS_VERBOSE=0`` none.
+
 A damaged cache never kills the process: compiled modules are checked before they are imported
 (a truncated one would raise SIGBUS) and rebuilt if damaged, built into a temporary name and renamed
 when whole, and damaged index files are removed before KeOps reads them (:func:`repair_cache`).
@@ -22,7 +28,9 @@ when whole, and damaged index files are removed before KeOps reads them (:func:`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import sys
 import warnings
@@ -30,7 +38,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["KeOpsUnavailableError", "configure_keops", "keops_cache_dir"]
+__all__ = ["KeOpsUnavailableError", "configure_keops", "import_geomloss", "keops_cache_dir"]
 
 NATIVE_FLAGS = "-march=native -fno-math-errno -fassociative-math -fno-signed-zeros -fno-trapping-math"
 
@@ -97,15 +105,14 @@ def pykeops_torch() -> ModuleType:
         return _state["module"]
     if _state["error"] is not None:
         raise KeOpsUnavailableError(_state["error"])
-    os.environ.setdefault("KEOPS_VERBOSE", "0")
-    os.environ.setdefault("PYKEOPS_VERBOSE", "0")
     flags = _flags()
     set_flags = bool(flags) and "CXXFLAGS" not in os.environ
     if set_flags:  # keopscore reads CXXFLAGS once, when its config is created at import
         os.environ["CXXFLAGS"] = flags
     _drop_damaged_indexes()  # `import pykeops` unpickles them, and fails on a truncated one
+    said = io.StringIO()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(said if _chosen_verbosity() is None else sys.stdout):
             warnings.simplefilter("ignore")
             import pykeops
             import pykeops.torch as pkt
@@ -115,6 +122,9 @@ def pykeops_torch() -> ModuleType:
     finally:
         if set_flags:  # leave the process environment as it was (other C++ builds read it too)
             del os.environ["CXXFLAGS"]
+        _pass_on(said.getvalue())
+    if _chosen_verbosity() is None:
+        pykeops.set_verbose(False)  # no "[KeOps] Compiling ..." lines in a training log
     path = keops_cache_dir()
     path.mkdir(parents=True, exist_ok=True)
     pykeops.set_build_folder(str(path))
@@ -122,6 +132,39 @@ def pykeops_torch() -> ModuleType:
     repair_cache(path)
     _state["module"] = pkt
     return pkt
+
+
+def import_geomloss() -> ModuleType:
+    """``geomloss``, imported after KeOps (quietly, with our cache folder), which GeomLoss imports if it can."""
+    with contextlib.suppress(KeOpsUnavailableError):  # without KeOps, GeomLoss works without it
+        pykeops_torch()
+    import geomloss
+
+    return geomloss
+
+
+_EXPECTED_NOTICES = ("Switching to CPU only",)  # KeOps on a machine without CUDA: what PyTorch already knows
+
+
+def _chosen_verbosity() -> bool | None:
+    """Whether the user asked KeOps to speak (``KEOPS_VERBOSE``/``PYKEOPS_VERBOSE``), None if they did not say."""
+    values = [os.environ.get(k) for k in ("PYKEOPS_VERBOSE", "KEOPS_VERBOSE")]
+    said = [v.strip() for v in values if v is not None and v.strip()]
+    return None if not said else said[0] != "0"
+
+
+def _pass_on(printed: str) -> None:
+    """What KeOps printed at import, less its CPU-only notice on a machine without a GPU, as one warning."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    lines = [
+        line.strip()
+        for line in printed.splitlines()
+        if line.strip() and (gpu or not any(notice in line for notice in _EXPECTED_NOTICES))
+    ]
+    if lines:
+        warnings.warn("lightning_swim: KeOps says: " + " ".join(lines), RuntimeWarning, stacklevel=3)
 
 
 # -- a cache that cannot kill the process -----------------------------------------------------------

@@ -12,6 +12,16 @@ The model is read once per map (:func:`~lightning_swim._modelio.read_model`): th
 the transport and every rebuilt network work from that reading, and a rebuilt network is evaluated by
 forward hooks in one forward pass, never by a copy of the model. A map costs
 :func:`forward_passes` forward passes of the model on the probe set.
+
+The pair search, the bulk of a map's time, can be shared among processes (DDP ranks). Its units of
+work are whole layers, or blocks of ``neuron_block`` neurons of a layer (:class:`AnalysisConfig`);
+:func:`map_shard` maps the units of one rank (``shard=(rank, world)``, dealt out by
+:func:`shard_blocks`), :func:`merge_shards` puts the ranks' units back together, and
+:func:`analyse_network` takes the merged maps (``maps=``) for the rest. A unit is mapped by the
+same call whatever the number of ranks (one process maps the same units one after the other), so a
+shared map is bit-identical to the map made in one process with the same ``neuron_block``. The
+distributed calls themselves are the callback's
+(:class:`~lightning_swim.callbacks.PairImportanceMonitor`).
 """
 
 from __future__ import annotations
@@ -20,8 +30,8 @@ import fnmatch
 import math
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,19 +61,46 @@ from lightning_swim.importance import (
     turnover,
 )
 from lightning_swim.network import DEFAULT_PATCHES, in_points, output_fidelity, rebuild
-from lightning_swim.pairmap import REFINE, PairMap, map_layer, pair_errors, random_map
+from lightning_swim.pairmap import AUTO_EXACT_WORK, REFINE, PairMap, map_layer, pair_errors, random_map
 from lightning_swim.transport import transport_map
 
-__all__ = ["IMPORTANCE", "NEURON_WEIGHTS", "AnalysisConfig", "analyse_network", "forward_passes", "neuron_weights_of"]
+__all__ = [
+    "IMPORTANCE",
+    "NEURON_WEIGHTS",
+    "AnalysisConfig",
+    "MapShard",
+    "analyse_network",
+    "forward_passes",
+    "map_shard",
+    "merge_shards",
+    "neuron_weights_of",
+    "shard_blocks",
+    "warm_up",
+]
 
 NEURON_WEIGHTS = ("contribution", "uniform")
 IMPORTANCE = ("soft", "argmin")
 _FLAG_WARNINGS = r".*(neurons cannot be explained by a pair|neurons have zero or non-finite weights).*"  # counted
+UNIT_OVERHEAD = 48
+"""The cost of one call of :func:`~lightning_swim.map_layer`, in neurons, beyond its neurons' own: its
+neuron-independent work (the Gram matrix, the pre-activations of every pair on every point in the exact
+search; measured about 50 neurons' worth at N = 256 on a CPU). Used to deal units out evenly."""
+WARM_UP_POINTS = 16
+"""Probe rows of :func:`warm_up`: enough for live neurons, too few to cost anything but the compilations."""
 
 
 @dataclass(frozen=True)
 class AnalysisConfig:
-    """What one analysis computes (see :class:`~lightning_swim.callbacks.PairImportanceMonitor`)."""
+    """What one analysis computes (see :class:`~lightning_swim.callbacks.PairImportanceMonitor`).
+
+    ``neuron_block``: map each layer in blocks of this many neurons (one call of
+    :func:`~lightning_swim.map_layer` each) rather than whole (None, the default). Blocks are finer units
+    to share among ranks (:func:`map_shard`) when a network has fewer wide layers than ranks; a
+    floating-point reduction may depend on the neurons of its call, so maps made with different
+    ``neuron_block`` may differ in their last bits (and, at an exact near-tie, in a pair), while those made
+    with the same ``neuron_block`` are identical on any number of ranks. Each block repeats the
+    neuron-independent work of its layer's search (about :data:`UNIT_OVERHEAD` neurons' worth).
+    """
 
     layers: tuple[str, ...] | None = None
     activations: ActivationSpec = None
@@ -87,6 +124,7 @@ class AnalysisConfig:
     dtype: torch.dtype | None = None
     output_key: OutputKey = None
     patches: int = DEFAULT_PATCHES
+    neuron_block: int | None = None
 
     def __post_init__(self) -> None:
         check_positive_int(self.top_k, "top_k")
@@ -100,6 +138,7 @@ class AnalysisConfig:
         if self.task is not None:
             check_choice(self.task, "task", ("classification", "regression"))
         check_positive_int(self.n_candidates, "n_candidates")
+        check_positive_int(self.neuron_block, "neuron_block", allow_none=True)
         check_positive_finite(self.blur, "blur")
         check_positive_finite(self.reach, "reach", allow_none=True, hint=" (None: balanced transport)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -200,6 +239,226 @@ def _task(config: AnalysisConfig, y: Tensor | None, out: Tensor) -> str:
     return "classification" if out.ndim == 2 and out.shape[1] > 1 else "regression"
 
 
+Block = tuple[str, int, int]
+"""A block of neurons of one layer: ``(layer name, first neuron, one past the last)``."""
+
+
+def layer_blocks(sizes: dict[str, int], block: int | None = None) -> list[Block]:
+    """The units of a map: every layer whole (``block=None``), or its neurons cut into consecutive blocks
+    of ``block`` (the last one shorter), in layer order."""
+    if block is None:
+        return [(name, 0, m) for name, m in sizes.items() if m > 0]
+    return [(name, s, min(s + block, m)) for name, m in sizes.items() for s in range(0, m, block)]
+
+
+def shard_blocks(blocks: Sequence[Block], world: int) -> list[list[Block]]:
+    """The units of each of ``world`` ranks, dealt out evenly (longest processing time first).
+
+    A unit costs its neurons plus :data:`UNIT_OVERHEAD`; the costliest unit goes first to the least
+    loaded rank (the lowest among equals). Deterministic: every rank computes the same deal. Each
+    rank's units are returned in layer order.
+    """
+    check_positive_int(world, "world")
+    order = sorted(range(len(blocks)), key=lambda k: (-(blocks[k][2] - blocks[k][1]), k))
+    shares: list[list[int]] = [[] for _ in range(world)]
+    load = [0] * world
+    for k in order:
+        r = min(range(world), key=lambda q: (load[q], q))
+        shares[r].append(k)
+        load[r] += blocks[k][2] - blocks[k][1] + UNIT_OVERHEAD
+    return [[blocks[k] for k in sorted(share)] for share in shares]
+
+
+def _mode(refine: str, n: int, m: int) -> str:
+    """What ``refine="auto"`` means for a layer of ``m`` neurons on ``n`` probe points (as in map_layer):
+    resolved once for the whole layer, so that its blocks all search alike."""
+    if refine != "auto":
+        return refine
+    return "exact" if n**3 * m <= AUTO_EXACT_WORK else "function"
+
+
+@dataclass
+class MapShard:
+    """The blocks of a map that one rank computed (:func:`map_shard`); :func:`merge_shards` joins them.
+
+    Attributes:
+        rank, world: which share of the blocks (:func:`shard_blocks`) this is.
+        sizes: every mapped layer's number of neurons, in layer order.
+        blocks: ``(layer, start, stop, map)``: the :class:`~lightning_swim.PairMap` of neurons
+            ``start:stop`` of the layer (its ``soft_neuron`` counts from ``start``).
+    """
+
+    rank: int
+    world: int
+    sizes: dict[str, int]
+    blocks: list[tuple[str, int, int, PairMap]] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> MapShard:
+        """The same shard with its tensors on ``device`` (e.g. the CPU, before it is sent to rank zero)."""
+        blocks = [(name, start, stop, pm.to(device)) for name, start, stop, pm in self.blocks]
+        return MapShard(self.rank, self.world, dict(self.sizes), blocks)
+
+
+def _check_shard(shard: Any) -> tuple[int, int]:
+    ok = (
+        isinstance(shard, tuple)
+        and len(shard) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in shard)
+        and shard[1] >= 1
+        and 0 <= shard[0] < shard[1]
+    )
+    if not ok:
+        raise ValueError(
+            f"Expected argument `shard` to be a pair `(rank, world)` with 0 <= rank < world but got {shard!r}."
+        )
+    return shard[0], shard[1]
+
+
+def _map_shard(
+    reading: ModelReading,
+    chosen: list[LayerReading],
+    config: AnalysisConfig,
+    shard: tuple[int, int],
+    n_for_mode: int,
+) -> MapShard:
+    """Map this rank's blocks of the ``chosen`` layers (``refine="auto"`` resolved for a probe of ``n_for_mode``
+    examples: ``n_for_mode L`` points of a convolution, at most ``config.patches``)."""
+    rank, world = shard
+    params = {layer.name: _weight_bias(layer) for layer in chosen}
+    sizes = {name: int(w.shape[0]) for name, (w, _) in params.items()}
+    by_name = {layer.name: layer for layer in chosen}
+    mine = shard_blocks(layer_blocks(sizes, config.neuron_block), world)[rank]
+    out = MapShard(rank, world, sizes)
+    options = config.map_options()
+    inputs: dict[str, Tensor] = {}
+    for name, start, stop in mine:
+        layer = by_name[name]
+        if name not in inputs:  # a convolution: its fixed subsample of patches (as in analyse_network)
+            inputs[name] = reading.points(name, config.dtype, reading.sample(name, config.patches, config.seed))
+        weight, bias = params[name]
+        act = layer.activation
+        assert act is not None
+        points = n_for_mode * layer.locations
+        if layer.kind.subsample:
+            points = min(points, config.patches)
+        options["refine"] = _mode(config.refine, points, sizes[name])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_FLAG_WARNINGS, category=RuntimeWarning)
+            try:
+                pm = map_layer(weight[start:stop], bias[start:stop], inputs[name], activation=act, **options)
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"Layer {name!r}: {err}") from err
+        out.blocks.append((name, start, stop, pm))
+    return out
+
+
+def _read(model: nn.Module, x: Tensor, config: AnalysisConfig) -> tuple[ModelReading, list[LayerReading]]:
+    reading = read_model(model, x, activations=config.activations, output_key=config.output_key)
+    chosen = _chosen(reading, config.layers)
+    if not chosen:
+        raise ValueError("The model has no hidden nn.Linear layer to map (only an output layer).")
+    return reading, chosen
+
+
+def map_shard(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    config: AnalysisConfig | None = None,
+    shard: tuple[int, int] = (0, 1),
+) -> MapShard:
+    """The pair search of one rank's share of a map: the units :func:`shard_blocks` gives ``rank``.
+
+    The units (whole layers, or blocks of ``config.neuron_block`` neurons) are dealt out to the
+    ``world`` ranks, and this rank maps its own with :func:`~lightning_swim.map_layer`
+    (``refine="auto"`` resolved for the whole layer). :func:`merge_shards` of the ``world`` shards is
+    bit-identical to the maps :func:`analyse_network` makes in one process with the same config.
+    One reading of the model (one forward pass of ``x``).
+
+    Args:
+        model: the network (left in the mode and state it was found in).
+        x: the probe set, ``[N, ...]``, the same on every rank.
+        config: what to compute (``layers``, ``activations``, the options of ``map_layer``).
+        shard: ``(rank, world)``, ``0 <= rank < world``.
+
+    Returns:
+        A :class:`MapShard` (the units of the other ranks are absent; a rank may get none).
+    """
+    config = config or AnalysisConfig()
+    shard = _check_shard(shard)
+    reading, chosen = _read(model, x, config)
+    return _map_shard(reading, chosen, config, shard, x.shape[0])
+
+
+def warm_up(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    config: AnalysisConfig | None = None,
+    shard: tuple[int, int] = (0, 1),
+    points: int = WARM_UP_POINTS,
+) -> None:
+    """Run this rank's pair search once on the first ``points`` rows of the probe set ``x``.
+
+    What a first map compiles (KeOps formulas, a compiled CPU kernel) depends on the layers' widths,
+    input dimensions, dtype and search mode, not on the number of probe points: run on a few rows,
+    with ``refine="auto"`` resolved for all of ``x``, the search compiles what the maps on ``x`` will
+    use, and costs little else. The results are dropped.
+    """
+    config = config or AnalysisConfig()
+    shard = _check_shard(shard)
+    check_positive_int(points, "points", minimum=2)
+    reading, chosen = _read(model, x[: min(points, x.shape[0])], config)
+    _map_shard(reading, chosen, config, shard, x.shape[0])
+
+
+def merge_shards(parts: Sequence[MapShard]) -> dict[str, PairMap]:
+    """The whole map from the shards of all ranks: layer name -> :class:`~lightning_swim.PairMap`.
+
+    Args:
+        parts: the :class:`MapShard` of every rank of one map, in any order.
+
+    Raises:
+        ValueError: if the shards are not those of one map: another world size or layers, a rank
+            missing or twice, or blocks that do not tile every layer.
+    """
+    if not parts:
+        raise ValueError("Expected argument `parts` to hold the shards of every rank but got none.")
+    world, sizes = parts[0].world, parts[0].sizes
+    ranks = sorted(p.rank for p in parts)
+    if ranks != list(range(world)) or any(p.world != world or p.sizes != sizes for p in parts):
+        raise ValueError(
+            f"Expected argument `parts` to be the shards of ranks 0..{world - 1} of one map but got ranks {ranks} "
+            f"of worlds {sorted({p.world for p in parts})}."
+        )
+    blocks: dict[str, list[tuple[int, int, PairMap]]] = {name: [] for name in sizes}
+    for part in parts:
+        for name, start, stop, pm in part.blocks:
+            blocks[name].append((start, stop, pm))
+    merged: dict[str, PairMap] = {}
+    for name, m in sizes.items():
+        own = sorted(blocks[name], key=lambda b: b[0])
+        edges = [0] + [b[1] for b in own]
+        if [b[0] for b in own] != edges[:-1] or edges[-1] != m or any(len(b[2]) != b[1] - b[0] for b in own):
+            raise ValueError(f"The blocks of layer {name!r} in `parts` do not tile its {m} neurons exactly once.")
+        merged[name] = _join([(start, pm) for start, _, pm in own])
+    return merged
+
+
+def _join(blocks: list[tuple[int, PairMap]]) -> PairMap:
+    """The map of consecutive blocks of neurons, in order (soft attributions shifted to the layer's numbering)."""
+    if len(blocks) == 1 and blocks[0][0] == 0:
+        return blocks[0][1]
+    first = blocks[0][1]
+    tensors: dict[str, Tensor] = {}
+    for key in first.tensors():
+        pieces = [getattr(pm, key) for _, pm in blocks]
+        if key == "soft_neuron":
+            pieces = [t + start for t, (start, _) in zip(pieces, blocks, strict=True)]
+        tensors[key] = torch.cat(pieces)
+    return PairMap(**tensors, activation=first.activation, refine=first.refine)
+
+
 def analyse_network(
     model: nn.Module,
     x: Tensor,
@@ -210,6 +469,7 @@ def analyse_network(
     step: int = 0,
     epoch: int = 0,
     progress: Callable[[str], None] | None = None,
+    maps: dict[str, PairMap] | None = None,
 ) -> MapRecord:
     """Map a network, measure importance, drift since ``previous``, transport and fidelity.
 
@@ -222,6 +482,9 @@ def analyse_network(
             top-k overlap).
         step, epoch: stored in the record.
         progress: called with the name of each stage as it starts (for a progress display).
+        maps: the pair maps of this model on ``x``, already made (:func:`merge_shards` of the ranks'
+            :func:`map_shard`: a convolution's map indexes its subsample of patches); by default made
+            here, in the same blocks.
 
     Returns:
         A :class:`~lightning_swim.history.MapRecord` whose ``scalars`` are keyed by the tags
@@ -231,15 +494,17 @@ def analyse_network(
     say = progress or (lambda _stage: None)
     t0 = time.perf_counter()
     say("pair search")
-    reading = read_model(model, x, activations=config.activations, output_key=config.output_key)
-    chosen = _chosen(reading, config.layers)
-    if not chosen:
-        raise ValueError("The model has no hidden nn.Linear layer to map (only an output layer).")
+    reading, chosen = _read(model, x, config)
     # a convolution is mapped on a fixed subsample of its patches; its maps index all N L of them
     samples = {layer.name: reading.sample(layer.name, config.patches, config.seed) for layer in chosen}
     inputs = {layer.name: reading.points(layer.name, config.dtype, samples[layer.name]) for layer in chosen}
-    local: dict[str, PairMap] = {}  # the maps as found, indexing `inputs`
-    maps: dict[str, PairMap] = {}
+    # the maps as found, indexing `inputs`
+    if maps is None:
+        local = merge_shards([_map_shard(reading, chosen, config, (0, 1), x.shape[0])])
+    else:
+        _check_maps(maps, chosen)
+        local = maps
+    maps = {}
     randoms: dict[str, PairMap] = {}
     for k, layer in enumerate(chosen):
         weight, bias = _weight_bias(layer)
@@ -247,10 +512,6 @@ def analyse_network(
         assert act is not None
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_FLAG_WARNINGS, category=RuntimeWarning)
-            try:
-                local[layer.name] = map_layer(weight, bias, inputs[layer.name], activation=act, **config.map_options())
-            except (ValueError, TypeError) as err:
-                raise type(err)(f"Layer {layer.name!r}: {err}") from err
             generator = torch.Generator().manual_seed(config.seed + 7919 * k)
             rnd_map = random_map(weight, bias, inputs[layer.name], activation=act, generator=generator)
         maps[layer.name] = in_points(local[layer.name], samples[layer.name])
@@ -348,6 +609,17 @@ def _patch_provenance(layer: LayerReading, imp: Tensor, sample: Tensor | None, n
         "patch_importance": imp,
         "patch_grid": torch.tensor(layer.grid, dtype=torch.long),
     }
+
+
+def _check_maps(maps: dict[str, PairMap], chosen: list[LayerReading]) -> None:
+    """``maps`` given to :func:`analyse_network` are those of the layers it maps, one entry per neuron."""
+    sizes = {layer.name: int(layer.parameters()[0].shape[0]) for layer in chosen}
+    got = {name: len(pm) for name, pm in maps.items()}
+    if got != sizes:
+        raise ValueError(
+            f"Expected argument `maps` to map the layers {sizes} (name: neurons) but got {got}; pass the "
+            "merged maps of the same model, probe set and `layers`."
+        )
 
 
 def _weight_bias(layer: LayerReading) -> tuple[Tensor, Tensor]:

@@ -154,5 +154,8 @@ def run_demo(
     )
     print(f"Sinkhorn divergence of layer {first} over training (step: value): {trail}")
     print(f"\ndone in {time.perf_counter() - t0:.0f} s. Look at the pairs, importances and curves with:")
-    print(f"  tensorboard --logdir {log_dir.resolve()}")
+    root = Path(logdir).resolve()  # the logger's root: TensorBoard names the run by its folder under it
+    run = log_dir.resolve().relative_to(root).as_posix() if log_dir.resolve().is_relative_to(root) else log_dir.name
+    print(f"  tensorboard --logdir {root}")
+    print(f"(this run is {run!r} there)")
     return {"accuracy": accuracy, "layers": rows, "history": history, "log_dir": log_dir}

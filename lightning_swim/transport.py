@@ -109,7 +109,9 @@ def _choose_backend(backend: str, m: int, k: int, itemsize: int, device: torch.d
 
 
 def _samples_loss(blur: float, reach: float | None, scaling: float, backend: str, potentials: bool) -> Any:
-    from geomloss import SamplesLoss
+    from lightning_swim._keops import import_geomloss
+
+    SamplesLoss = import_geomloss().SamplesLoss
 
     return SamplesLoss(
         "sinkhorn",
@@ -167,6 +169,9 @@ def _sinkhorn_blocked(
     is missing or cannot compile. Returns the non-debiased potentials ``([M], [K])`` if
     ``potentials``, else the debiased Sinkhorn divergence (a scalar tensor).
     """
+    from lightning_swim._keops import import_geomloss
+
+    import_geomloss()  # KeOps first, quietly
     from geomloss._legacy.sinkhorn_divergence import log_weights, scaling_parameters, sinkhorn_cost, sinkhorn_loop
 
     x, y = x.detach(), y.detach()

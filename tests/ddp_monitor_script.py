@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -16,6 +15,7 @@ from helpers import MLPModule  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
 from lightning_swim import PairImportanceMonitor, SWIMInit  # noqa: E402
+from lightning_swim.callbacks import pair_importance  # noqa: E402
 
 
 class SaveInitial(pl.Callback):
@@ -35,7 +35,16 @@ def main() -> None:
     out = Path(sys.argv[1])
     torch.set_num_threads(1)
     xtr, ytr, _, _ = digits()
-    module = MLPModule([64, 12, 10], xtr[:256], ytr[:256], batch_size=32)
+    shares: list[list[tuple[str, int, int]]] = []
+    real_map_shard = pair_importance.map_shard
+
+    def recording_map_shard(*args, **kwargs):  # what this rank mapped: (layer, first neuron, one past last)
+        part = real_map_shard(*args, **kwargs)
+        shares.append([(name, start, stop) for name, start, stop, _ in part.blocks])
+        return part
+
+    pair_importance.map_shard = recording_map_shard
+    module = MLPModule([64, 12, 12, 10], xtr[:256], ytr[:256], batch_size=32)
     monitor = PairImportanceMonitor(
         every_n_train_steps=3, probe_size=64, top_k=4, log_images=False, history_dir=out / "maps"
     )
@@ -51,12 +60,11 @@ def main() -> None:
         enable_model_summary=False,
     )
     trainer.fit(module)
+    rank = trainer.global_rank
+    (out / f"rank{rank}_shares.txt").write_text(repr(shares))
+    (out / f"rank{rank}_steps.txt").write_text(repr(monitor._steps))
     if trainer.is_global_zero:
         torch.save(module.state_dict(), out / "final.pt")
-        assert len(monitor._steps) == 3, monitor._steps
-    else:
-        assert monitor._steps == [], "only rank zero maps"
-        (out / f"rank{os.environ.get('LOCAL_RANK', '1')}_done").write_text("ok")
 
 
 if __name__ == "__main__":

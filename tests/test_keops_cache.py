@@ -35,8 +35,10 @@ print("RESULT", LazyTensor(x[:, None, :]).sqdist(LazyTensor(x[None, :, :] + 0.5)
 EXPECTED = "RESULT [0.5, 0.5, 0.5, 0.5, 0.5]"
 
 
-def _run(cache: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+def _run(cache: Path, *args: str, verbose: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("KEOPS_VERBOSE", "PYKEOPS_VERBOSE")}
+    if verbose is not None:
+        env["KEOPS_VERBOSE"] = verbose
     env["LIGHTNING_SWIM_KEOPS_CACHE"] = str(cache / "build")
     env["KEOPS_CACHE_FOLDER"] = str(cache / "keops")  # KeOps' own indexes: never the user's
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
@@ -49,7 +51,11 @@ def built(tmp_path_factory):
     cache = tmp_path_factory.mktemp("keops_cache")
     out = _run(cache)
     assert out.returncode == 0 and EXPECTED in out.stdout, out.stderr[-2000:]
+    _first_build["output"] = out.stdout + out.stderr
     return cache
+
+
+_first_build: dict[str, str] = {}
 
 
 def _module(cache: Path) -> Path:
@@ -98,3 +104,18 @@ def test_verify_binary_on_real_and_damaged_files(tmp_path, built):
         assert why in verify_binary(copy)
     (tmp_path / "text.so").write_text("not a library")
     assert "not an ELF" in verify_binary(tmp_path / "text.so")
+
+
+def test_quiet_on_a_cpu_unless_asked(tmp_path, built):
+    """Issue 12.5: no "CUDA libraries not found ... Switching to CPU only" notice and no "[KeOps] Compiling"
+    lines on a CPU run, even while a formula compiles; KEOPS_VERBOSE=1 brings KeOps' own output back."""
+    quiet = _first_build["output"]  # the import and the first compilation of the formula
+    assert "[KeOps]" not in quiet and "Switching to CPU only" not in quiet, quiet[-2000:]
+    cache = tmp_path / "cache"
+    shutil.copytree(built, cache)
+    loud = _run(cache, verbose="1")
+    assert loud.returncode == 0 and EXPECTED in loud.stdout, loud.stderr[-2000:]
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "Switching to CPU only" in loud.stdout + loud.stderr

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import fnmatch
 import io
 import math
 import os
+import queue
 import sys
+import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,17 +25,28 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_swim._checks import check_positive_int, split_probe
-from lightning_swim._data import draw_probe
+from lightning_swim._checks import check_choice, check_positive_int, split_probe
+from lightning_swim._data import draw_probe, read_batch
 from lightning_swim._modelio import ActivationSpec, read_model
-from lightning_swim.analysis import AnalysisConfig, analyse_network, neuron_weights_of
+from lightning_swim._schedule import SPACINGS, choose_stride, kept, plan_steps, unknown_horizon_steps
+from lightning_swim.analysis import (
+    AnalysisConfig,
+    MapShard,
+    analyse_network,
+    map_shard,
+    merge_shards,
+    neuron_weights_of,
+    warm_up,
+)
 from lightning_swim.callbacks.swim_init import module_hint
 from lightning_swim.history import MapRecord, ProbeSet, new_run_id, save_map, start_run_folder
+from lightning_swim.pairmap import PairMap
 
 __all__ = ["PairImportanceMonitor"]
 
@@ -82,9 +97,7 @@ def _chart(prefix: str, title: str, suffixes: tuple[str, ...]) -> tuple[str, lis
 class PairImportanceMonitor(Callback):
     r"""Map every dense layer to the data pairs that explain it, periodically, while the network trains.
 
-    At fit start (after the sanity check), every ``every_n_train_steps`` steps or ``every_n_epochs``
-    epochs (by default: whenever all maps of the fit, the next one and the one at fit end included,
-    stay within ``max_overhead`` of the training time so far), and at fit end, the monitor runs
+    At planned steps of the fit, fit start and fit end included, the monitor runs
     :func:`~lightning_swim.analysis.analyse_network` on a fixed probe set: each hidden ``nn.Linear``
     is mapped in its own input space (:func:`~lightning_swim.map_network`), the maps give a
     per-point *pair importance*, successive maps are compared, and the network rebuilt from its
@@ -92,11 +105,42 @@ class PairImportanceMonitor(Callback):
     ``<log_dir>/swim_maps/map_step<step>.npz`` (atomically, readable without pickle by
     :func:`~lightning_swim.load_history`), next to ``probe.npz``.
 
-    The probe set is given, or drawn once from the train dataset with the monitor's own generator
-    (``seed``) and then fixed for the whole run, so that maps are comparable; labels are kept when the
-    batches carry them. The monitor never changes training: no global RNG, no parameter, mode, grad
-    state or hook is left touched, and a map that fails is skipped with one warning. Under DDP the
-    maps are computed and logged by global rank zero only.
+    **Schedule.** By default ``n_maps`` maps (20) are planned at fit start over the fit's
+    ``trainer.estimated_stepping_batches`` optimizer steps ``T``: the first at step 0 (before
+    training), the last at step ``T`` (fit end), evenly spaced between (``spacing="linear"``: every
+    ``T / (n_maps - 1)`` steps) or evenly in ``log(step)`` (``spacing="log"``: denser early). The plan
+    is thinned only if the maps would take more than ``max_overhead`` of the training time: before
+    each planned map after the first, and after each map, the measured cost of the last map and the
+    training time per step so far give the projected total, and the monitor keeps every ``s``-th
+    planned map (and the last) with the smallest ``s`` that fits (a map due at a step that is no
+    longer kept is skipped). Every map is a planned one, so no two maps are ever closer than
+    the planned spacing. What a first map compiles (KeOps formulas, compiled kernels) is compiled at
+    fit start by a warm-up on a few probe rows (:func:`~lightning_swim.analysis.warm_up`) and is not
+    charged to the budget. The plan is reported at fit start, a thinning when it first happens, and
+    the maps made at fit end (``rank_zero_info``). A fit that ends early (early stopping) gets its
+    map at fit end all the same. A run resumed from a checkpoint continues the same plan (a fit of
+    another length is re-planned for the steps left). With ``every_n_train_steps`` or
+    ``every_n_epochs`` the maps follow that frequency instead (plus fit start and end), with no
+    budget. A fit of unknown length (``max_epochs=-1``) plans maps at steps 0, 32, 64, 128, ...
+
+    **Data.** The probe set is given, or drawn once from the train dataset with the monitor's own
+    generator (``seed``) and then fixed for the whole run, so that maps are comparable; labels are kept
+    when the batches carry them. Batches are read by ``batch_to_input`` if given, else as a tensor
+    ``x``, a sequence ``(x, y, ...)``, or a mapping with one of the keys ``"x"``, ``"input"``,
+    ``"inputs"``, ``"features"``, ``"image"``, ``"images"`` (the inputs) and optionally one of
+    ``"y"``, ``"target"``, ``"targets"``, ``"label"``, ``"labels"`` (the targets). The monitor never
+    changes training: no global RNG, no parameter, mode, grad state or hook is left touched, and a
+    map that fails is skipped with one warning.
+
+    **DDP.** Under a DDP strategy every rank maps its share of the layers (or of their neuron blocks,
+    ``neuron_block``; :func:`~lightning_swim.analysis.map_shard`), the shares are gathered on rank
+    zero over the trainer's process group, and rank zero completes the map (importance, fidelity),
+    logs it and writes the history; all ranks then return to training together. The probe set is
+    rank zero's, sent to every rank at fit start. A shared map is bit-identical to the map one process
+    makes. Under other multi-process strategies (FSDP, DeepSpeed) rank zero maps alone.
+
+    Each record's ``epoch`` is the 0-based ``trainer.current_epoch`` of its step's last training batch
+    (0 at fit start), also for the map at fit end.
 
     Logged tags (``<layer>`` is the qualified name of a mapped ``nn.Linear``):
 
@@ -139,13 +183,20 @@ class PairImportanceMonitor(Callback):
       its references shaded (only charts of what is logged).
 
     Args:
-        every_n_train_steps: map every this many optimizer steps (exclusive with ``every_n_epochs``).
-        every_n_epochs: map every this many epochs.
-        max_overhead: without either, map as often as keeps the maps' time, those at fit start and
-            end included, below this share of the training time (only a fit too short to pay for
-            those two goes over; the steps depend on the machine's speed: give a frequency for
-            reproducible schedules).
-        probe: the probe set, ``x`` or ``(x, y)``; by default drawn from the train dataset.
+        n_maps: maps planned over the fit, those at fit start and end included (>= 2).
+        spacing: ``"linear"`` (evenly spaced steps) or ``"log"`` (evenly spaced in ``log(step)``).
+        max_overhead: the share of the training time the maps may take; the plan is thinned (evenly)
+            to keep to it, fit start and end always mapped. Thinning depends on the machine's speed;
+            a large value (up to 10) or a frequency gives a schedule that does not.
+        every_n_train_steps: map every this many optimizer steps instead (exclusive with
+            ``every_n_epochs``), with no budget.
+        every_n_epochs: map every this many epochs instead, with no budget.
+        probe: the probe set, ``x`` or ``(x, y)`` (or a batch that ``batch_to_input`` reads); by
+            default drawn from the train dataset.
+        batch_to_input: a function from a batch of the train loader (after its ``collate_fn``) to its
+            inputs ``x``, or ``(x, y)``, e.g. ``lambda b: (b["pixels"], b["class"])``; by default batches
+            are read as described above. Use a named (module-level) function if the trainer pickles
+            callbacks (``strategy="ddp_spawn"``).
         probe_size: examples drawn when ``probe`` is not given. A small probe keeps the maps cheap
             enough to make often (about 40 ms for the demo's network at 256 points, 70 ms at 512);
             a larger one gives a finer picture of the data (the pair search grows as its square).
@@ -189,10 +240,12 @@ class PairImportanceMonitor(Callback):
             ``N L`` patches of its input on the probe (``L`` locations per example), drawn once with a
             fixed generator (``seed``); its importance is summed per example, and the patches'
             examples, locations and importances are saved with every map (``extra``).
+        neuron_block: map layers in blocks of this many neurons (the units shared among DDP ranks;
+            see :class:`~lightning_swim.analysis.AnalysisConfig`); default whole layers.
 
     Example::
 
-        trainer = Trainer(callbacks=[PairImportanceMonitor(every_n_epochs=5, probe_size=1000)])
+        trainer = Trainer(callbacks=[PairImportanceMonitor(n_maps=30, probe_size=512)])
         trainer.fit(model)
         records = load_history(trainer.log_dir)
     """
@@ -200,10 +253,13 @@ class PairImportanceMonitor(Callback):
     def __init__(
         self,
         *,
+        n_maps: int = 20,
+        spacing: str = "linear",
+        max_overhead: float = 0.1,
         every_n_train_steps: int | None = None,
         every_n_epochs: int | None = None,
-        max_overhead: float = 0.1,
-        probe: Tensor | tuple[Tensor, Tensor | None] | None = None,
+        probe: Any = None,
+        batch_to_input: Callable[[Any], Any] | None = None,
         probe_size: int = 256,
         seed: int = 0,
         layers: list[str] | None = None,
@@ -232,6 +288,7 @@ class PairImportanceMonitor(Callback):
         module: str | None = None,
         output_key: str | int | Callable[[Any], Tensor] | None = None,
         patches: int = 4096,
+        neuron_block: int | None = None,
     ) -> None:
         if module is not None and not isinstance(module, str):  # (issue 11.15) the submodule to map
             raise ValueError(f"Expected argument `module` to be a submodule's name but got {module!r}.")
@@ -243,6 +300,13 @@ class PairImportanceMonitor(Callback):
             )
         check_positive_int(every_n_train_steps, "every_n_train_steps", allow_none=True)
         check_positive_int(every_n_epochs, "every_n_epochs", allow_none=True)
+        check_positive_int(n_maps, "n_maps", minimum=2)
+        check_choice(spacing, "spacing", SPACINGS)
+        if batch_to_input is not None and not callable(batch_to_input):
+            raise ValueError(
+                f"Expected argument `batch_to_input` to be a function from a batch to `x` or `(x, y)` but got "
+                f"{batch_to_input!r}."
+            )
         if not isinstance(max_overhead, (int, float)) or not 0 < max_overhead <= 10:
             raise ValueError(f"Expected argument `max_overhead` in (0, 10] but got {max_overhead!r}.")
         check_positive_int(probe_size, "probe_size", minimum=2)
@@ -276,7 +340,11 @@ class PairImportanceMonitor(Callback):
             dtype=dtype,
             output_key=output_key,
             patches=patches,
+            neuron_block=neuron_block,
         )
+        self.n_maps = n_maps
+        self.spacing = spacing
+        self.batch_to_input = batch_to_input
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs
         self.max_overhead = float(max_overhead)
@@ -287,10 +355,12 @@ class PairImportanceMonitor(Callback):
         self.image_shape = image_shape
         self.save_history = save_history
         self._history_root = Path(history_dir) if history_dir is not None else None
-        self._given_probe = self._split_probe(probe)
+        self._given_probe = self._split_probe(probe, batch_to_input)
         self._state_key = self._generate_state_key(
             every_n_train_steps=every_n_train_steps,
             every_n_epochs=every_n_epochs,
+            n_maps=n_maps,
+            spacing=spacing,
             max_overhead=self.max_overhead,
             layers=self.layer_patterns,
             seed=seed,
@@ -303,10 +373,19 @@ class PairImportanceMonitor(Callback):
         self._importances: dict[str, list[Tensor]] = {}
         self._failed: set[str] = set()
         self._layout_written = False
-        self._fit_start: float | None = None  # perf_counter at this fit's start; its maps' total and last time
-        self._map_seconds = 0.0
-        self._last_map_seconds = 0.0
         self._figures_step: int | None = None
+        # the schedule (see `_plan_fit`, `_after_map`): planned steps, thinning stride, and the budget's
+        # clocks: seconds of maps and of training (warm-up and set-up excluded) since the run started
+        self._plan: list[int] = []
+        self._plan_total: int | None = None  # the fit length the plan was made for (None: unknown length)
+        self._stride = 1
+        self._thinned = False  # a thinning was reported
+        self._map_seconds = 0.0
+        self._train_seconds = 0.0
+        self._last_map_seconds = 0.0
+        self._mark: float | None = None  # perf_counter when training (re)started after set-up or the last map
+        self._batch_epoch = 0  # trainer.current_epoch of the last training batch seen
+        self._figures = _FigureWorker()
         # the run's identity and its history folder (see `_begin_run`, `_start_history`)
         self.history_dir: Path | None = None  # the folder this run writes to (set at train start)
         self._run_id: str | None = None
@@ -317,8 +396,12 @@ class PairImportanceMonitor(Callback):
         self._run_trainer: weakref.ref[pl.Trainer] | None = None
 
     @staticmethod
-    def _split_probe(probe: Any) -> tuple[Tensor, Tensor | None] | None:
-        return None if probe is None else split_probe(probe, "probe")
+    def _split_probe(probe: Any, batch_to_input: Callable[[Any], Any] | None) -> tuple[Tensor, Tensor | None] | None:
+        if probe is None:
+            return None
+        if batch_to_input is not None and not isinstance(probe, (Tensor, tuple, list)):
+            probe = read_batch(probe, batch_to_input)  # a batch, e.g. a dict
+        return split_probe(probe, "probe")
 
     @property
     @override
@@ -343,16 +426,18 @@ class PairImportanceMonitor(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._skip(trainer):
             return
-        self._fit_start, self._map_seconds, self._last_map_seconds = time.perf_counter(), 0.0, 0.0
+        self._mark = None
         self._begin_run(trainer)
+        self._batch_epoch = trainer.current_epoch
         if self._x is None:
-            try:
-                self._draw_probe(trainer)
-            except Exception as err:  # the monitor never stops training
-                self._warn_once(err, "could not draw a probe set; no map will be made")
+            self._obtain_probe(trainer)
+            if self._x is None:
                 return
         self._check_model(pl_module)  # (issue 11.15) a map that cannot run is a configuration error
         self._start_history(trainer)
+        self._plan_fit(trainer)
+        self._warm_up(trainer, pl_module)  # compilations now, outside the budget's clocks
+        self._mark = time.perf_counter()
         if not self._steps:  # a resumed run continues its history: no extra map at its start
             self._run(trainer, pl_module, "start")
 
@@ -360,19 +445,22 @@ class PairImportanceMonitor(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._skip(trainer) or (self._steps and self._steps[-1] == trainer.global_step):
+        if self._skip(trainer):
+            return
+        self._batch_epoch = trainer.current_epoch
+        step = trainer.global_step
+        if self._steps and self._steps[-1] >= step:
             return  # (several batches per step under gradient accumulation)
-        n = self.every_n_train_steps
-        if (n is not None and trainer.global_step % n == 0) or self._budget_allows():
-            self._run(trainer, pl_module, "step")
-
-    def _budget_allows(self) -> bool:
-        """Without a fixed frequency: map if the maps so far, the next and the one at fit end (each as
-        long as the last) stay within ``max_overhead`` of the training time since fit start."""
-        if self.every_n_train_steps is not None or self.every_n_epochs is not None or self._fit_start is None:
-            return False
-        training = time.perf_counter() - self._fit_start - self._map_seconds
-        return self._map_seconds + 2 * self._last_map_seconds <= self.max_overhead * training
+        if self.every_n_epochs is not None:
+            return
+        if self.every_n_train_steps is not None:
+            if step % self.every_n_train_steps == 0:
+                self._run(trainer, pl_module, "step")
+            return
+        due = self._next_due()
+        if due is not None and step >= due and self._still_due(trainer, step):
+            last = self._plan_total is not None and step >= self._plan[-1]
+            self._run(trainer, pl_module, "end" if last else "step")
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -387,26 +475,175 @@ class PairImportanceMonitor(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._skip(trainer):
             return
-        if not (self._steps and self._steps[-1] == trainer.global_step):
-            self._run(trainer, pl_module, "end")
-        elif self._previous is not None and self._figures_step != trainer.global_step and self._figures_due("end"):
-            try:  # the last scheduled map fell on the last step: it is the end map, figures included
-                self._log_figures(trainer, pl_module, self._previous)
-            except Exception as err:
-                self._warn_once(err, "the figures at fit end failed")
+        try:
+            if not (self._steps and self._steps[-1] == trainer.global_step):
+                self._run(trainer, pl_module, "end")
+            elif self._previous is not None and self._figures_step != trainer.global_step and self._figures_due("end"):
+                # the last scheduled map fell on the last step: it is the end map, figures included
+                self._submit_figures(trainer, pl_module, self._previous)
+        finally:
+            self._finish_figures()
+        self._report_end(trainer)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._finish_figures()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._finish_figures()
+
+    # -- the plan (see the class docstring and lightning_swim._schedule) ---------------------------
+
+    def _scheduled(self) -> bool:
+        return self.every_n_train_steps is None and self.every_n_epochs is None
+
+    def _plan_fit(self, trainer: pl.Trainer) -> None:
+        """Plan this fit's maps (or keep the resumed run's plan) and say so once."""
+        if not self._scheduled():
+            return
+        try:
+            estimate = trainer.estimated_stepping_batches
+        except Exception:  # e.g. accumulation that changes between epochs
+            estimate = float("inf")
+        total = int(estimate) if math.isfinite(estimate) and estimate > 0 else None
+        if self._plan and self._plan_total == total:
+            return  # a resumed (or continued) run of the same length keeps its plan and its thinning
+        done = self._steps[-1] if self._steps else -1
+        plan = unknown_horizon_steps(2**40) if total is None else plan_steps(total, self.n_maps, self.spacing)
+        if done >= 0:  # a run re-planned for a new length: its maps so far, then the plan's later steps
+            plan = sorted(set(self._steps) | {s for s in plan if s > done})
+        self._plan, self._plan_total, self._stride = plan, total, 1
+        if total is None:
+            rank_zero_info(
+                "PairImportanceMonitor: the fit's length is unknown; maps at fit start, at steps 32, 64, 128, ... "
+                "(their share of the time falls as the gaps double) and at fit end."
+            )
+            return
+        shown = ", ".join(map(str, plan[:4])) + (", ..., " + str(plan[-1]) if len(plan) > 5 else "")
+        if len(plan) == 5:
+            shown = ", ".join(map(str, plan))
+        how = f"every {total / max(1, self.n_maps - 1):.3g} steps" if self.spacing == "linear" else "log-evenly"
+        rank_zero_info(
+            f"PairImportanceMonitor: {len(plan)} maps planned over {total} steps, {how} (steps {shown}); fewer, "
+            f"evenly, if they would take more than {self.max_overhead:.0%} of the training time."
+        )
+
+    def _kept(self) -> list[int]:
+        return kept(self._plan, self._stride) if self._plan else []
+
+    def _next_due(self) -> int | None:
+        """The next kept planned step after the last map (None: none left)."""
+        last = self._steps[-1] if self._steps else -1
+        return next((s for s in self._kept() if s > last), None)
+
+    def _still_due(self, trainer: pl.Trainer, step: int) -> bool:
+        """Before a planned map: thin the plan if this map and the later ones, at the last map's cost, would
+        exceed the budget, and say whether this step is still kept (rank zero's word under DDP)."""
+        keep = True
+        if trainer.is_global_zero and self._mark is not None and step > 0 and self._last_map_seconds > 0:
+            training = self._train_seconds + max(0.0, time.perf_counter() - self._mark)
+            self._thin(step, training, step - 1)  # the maps from this step on
+            due = self._next_due()
+            keep = due is not None and due <= step  # (a planned step all the same: it was due before)
+        if self._sharing(trainer) is not None:
+            keep, self._stride = trainer.strategy.broadcast((keep, self._stride), src=0)
+        return keep
+
+    def _after_map(self, step: int) -> None:
+        """After a map (rank zero): thin the rest of the plan if the maps would exceed the budget."""
+        self._thin(step, self._train_seconds, step)
+
+    def _thin(self, step: int, training: float, after: int) -> None:
+        """Keep every ``stride``-th planned map after step ``after``, the smallest stride within budget, given
+        ``training`` seconds of training up to ``step``."""
+        total = self._plan_total
+        if not self._scheduled() or total is None or step <= 0 or training <= 0:
+            return
+        allowed = self.max_overhead * training / step * total
+        stride = choose_stride(self._plan, after, self._map_seconds, self._last_map_seconds, allowed)
+        if stride > 1 and not self._thinned:
+            self._thinned = True
+            n_kept = len(kept(self._plan, stride))
+            rank_zero_info(
+                f"PairImportanceMonitor: maps thinned to every {_ordinal(stride)} planned step ({n_kept} of "
+                f"{len(self._plan)}): a map takes {self._last_map_seconds:.2f} s and {self.max_overhead:.0%} of the "
+                f"projected training time is {allowed:.1f} s."
+            )
+        self._stride = stride
+
+    def _report_end(self, trainer: pl.Trainer) -> None:
+        if self._scheduled() and self._thinned and self._plan:
+            rank_zero_info(
+                f"PairImportanceMonitor: made {len(self._steps)} maps ({len(self._plan)} planned; "
+                f"{self._map_seconds:.1f} s in maps, {self._train_seconds:.1f} s of training)."
+            )
+
+    # -- the clocks ------------------------------------------------------------------------------
+
+    def _warm_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Compile what the first map would (KeOps formulas, compiled kernels) on a few probe rows, before
+        the clocks start; a failure here is left to the first map to report. Under DDP rank zero compiles
+        every rank's formulas first, alone (processes compiling into one fresh KeOps cache at once are not
+        locked against each other), then the other ranks load theirs."""
+        if self._x is None:
+            return
+        shared = self._sharing(trainer)
+        if shared is None and not trainer.is_global_zero:
+            return
+        patterns = tuple(self.layer_patterns) if self.layer_patterns is not None else None
+        config = dataclasses.replace(self.config, layers=patterns)
+
+        def run(shard: tuple[int, int]) -> None:
+            assert self._x is not None
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                with contextlib.suppress(Exception):  # a failure is left to the first map to report
+                    warm_up(self._target(pl_module), self._x, config=config, shard=shard)
+            for w in said:  # what only a first search says (a backend falling back) is said here, once
+                if issubclass(w.category, RuntimeWarning):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+        if shared is None:
+            run((0, 1))
+            return
+        if trainer.is_global_zero:
+            run((0, 1))  # every unit of the map: all the formulas any rank will need
+        trainer.strategy.barrier("swim-warm-up")
+        if not trainer.is_global_zero:
+            run(shared)
 
     # -- what ------------------------------------------------------------------------------------
 
-    def _draw_probe(self, trainer: pl.Trainer) -> None:
+    def _obtain_probe(self, trainer: pl.Trainer) -> None:
+        """The run's probe set (:meth:`_draw_probe`); under DDP rank zero's, sent to every rank. A probe that
+        cannot be drawn is reported once: then no map is made, and training goes on."""
+        shared = self._sharing(trainer) is not None
+        drawn: tuple[Tensor, Tensor | None, Tensor, str] | None = None
+        error: Exception | None = None
+        if trainer.is_global_zero or not shared:
+            try:
+                drawn = self._draw_probe(trainer)
+            except Exception as err:  # the monitor never stops training
+                error = err
+        if shared:
+            drawn = trainer.strategy.broadcast(drawn, src=0)
+        if drawn is None:
+            if error is not None:
+                self._warn_once(error, "could not draw a probe set; no map will be made")
+            return
+        self._x, self._y, self._index, self._index_source = drawn
+
+    def _draw_probe(self, trainer: pl.Trainer) -> tuple[Tensor, Tensor | None, Tensor, str]:
         """The given probe, or ``probe_size`` examples of the train dataset drawn with the monitor's seed from
         the dataset itself (:func:`~lightning_swim._data.draw_probe`): the trainer's loader is never iterated."""
         if self._given_probe is not None:
-            self._x, self._y = self._given_probe
-            self._index, self._index_source = torch.arange(len(self._x)), "given"
-            return
+            x, y = self._given_probe
+            return x, y, torch.arange(len(x)), "given"
         loader = trainer.train_dataloader
-        drawn = draw_probe(loader, self.probe_size, torch.Generator().manual_seed(self.seed))
-        self._x, self._y, self._index, self._index_source = drawn.x, drawn.y, drawn.index, drawn.source
+        generator = torch.Generator().manual_seed(self.seed)
+        drawn = draw_probe(loader, self.probe_size, generator, batch_to_input=self.batch_to_input)
+        return drawn.x, drawn.y, drawn.index, drawn.source
 
     # -- the model to map (issues 11.15, 13.4) ------------------------------------------------------
 
@@ -473,6 +710,8 @@ class PairImportanceMonitor(Callback):
             self._index_source, self._steps, self._importances, self._failed = "", [], {}, set()
             self._layout_written, self._figures_step = False, None
             self._run_id, self._generation, self.history_dir = None, 0, None
+            self._plan, self._plan_total, self._stride, self._thinned = [], None, 1, False
+            self._map_seconds = self._train_seconds = self._last_map_seconds = 0.0
         if self._run_id is None:
             self._run_id = new_run_id()
         self._run_trainer = weakref.ref(trainer)
@@ -480,6 +719,7 @@ class PairImportanceMonitor(Callback):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_run_trainer"] = None  # a weak reference (to tell a new Trainer from the same one) cannot be pickled
+        state["_figures"] = _FigureWorker()  # nor a thread
         return state
 
     def _log_dir(self, trainer: pl.Trainer) -> Path:
@@ -525,41 +765,113 @@ class PairImportanceMonitor(Callback):
         except Exception as err:
             self._warn_once(err, f"cannot write the map of step {record.step} to {self.history_dir}; it is logged only")
 
+    def _sharing(self, trainer: pl.Trainer) -> tuple[int, int] | None:
+        """``(rank, world)`` where the map's work is shared among ranks (DDP), else None (one process maps)."""
+        strategy = trainer.strategy
+        if trainer.world_size <= 1 or not isinstance(strategy, DDPStrategy) or isinstance(strategy, DeepSpeedStrategy):
+            return None
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        return trainer.global_rank, trainer.world_size
+
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
-        if not trainer.is_global_zero or self._x is None:
+        """Make one map. Under DDP every rank takes part (:meth:`_shared_maps`) and they all leave together."""
+        if self._x is None:
+            return
+        shared = self._sharing(trainer)
+        if shared is None and not trainer.is_global_zero:
             return
         t0 = time.perf_counter()
+        if self._mark is not None:  # training since the last map (or fit start)
+            self._train_seconds += max(0.0, t0 - self._mark)
+        step, made = trainer.global_step, False
         try:
             patterns = tuple(self.layer_patterns) if self.layer_patterns is not None else None
             config = dataclasses.replace(self.config, layers=patterns)  # resolved on the map's one reading
-            with self._progress(trainer) as progress:
-                record = analyse_network(
-                    self._target(pl_module),
-                    self._x,
-                    self._y,
-                    config=config,
-                    previous=self._previous,
-                    step=trainer.global_step,
-                    epoch=trainer.current_epoch,
-                    progress=progress,
-                )
-            self._log(trainer, record)
-            self._save_record(trainer, record)
-            self._previous = record
-            self._steps.append(record.step)
-            for name, imp in record.importance.items():
-                self._importances.setdefault(name, []).append(imp.float())
-            if self._figures_due(when):
-                self._log_figures(trainer, pl_module, record)
-            elapsed = time.perf_counter() - t0
-            if elapsed > 5:
-                n_layers, step = len(record.maps), record.step
-                rank_zero_info(f"PairImportanceMonitor: mapped {n_layers} layer(s) at step {step} in {elapsed:.1f} s.")
+            target = self._target(pl_module)
+            maps = self._shared_maps(trainer, target, config, shared) if shared is not None else None
+            if trainer.is_global_zero:
+                with self._progress(trainer) as progress:
+                    record = analyse_network(
+                        target,
+                        self._x,
+                        self._y,
+                        config=config,
+                        previous=self._previous,
+                        step=step,
+                        epoch=self._batch_epoch,
+                        progress=progress,
+                        maps=maps,
+                    )
+                self._log(trainer, record)
+                self._save_record(trainer, record)
+                self._previous = record
+                self._steps.append(record.step)
+                made = True
+                for name, imp in record.importance.items():
+                    self._importances.setdefault(name, []).append(imp.float())
+                if self._figures_due(when):
+                    self._submit_figures(trainer, pl_module, record)
+                elapsed = time.perf_counter() - t0
+                if elapsed > 5:
+                    n_layers = len(record.maps)
+                    rank_zero_info(
+                        f"PairImportanceMonitor: mapped {n_layers} layer(s) at step {step} in {elapsed:.1f} s."
+                    )
         except Exception as err:  # a map never stops training
-            self._warn_once(err, f"the map at step {trainer.global_step} failed and is skipped")
-        finally:  # also after a failure: the overhead budget counts the time spent
+            self._warn_once(err, f"the map at step {step} failed and is skipped")
+        finally:  # also after a failure: the budget counts the time spent
             self._last_map_seconds = time.perf_counter() - t0
             self._map_seconds += self._last_map_seconds
+            if trainer.is_global_zero:
+                self._after_map(step)
+            if shared is not None:  # rank zero's word on the map and the plan; every rank leaves here together
+                made, self._stride = trainer.strategy.broadcast((made, self._stride), src=0)
+                if made and not trainer.is_global_zero:
+                    self._steps.append(step)
+            self._mark = time.perf_counter()
+
+    def _shared_maps(
+        self, trainer: pl.Trainer, target: torch.nn.Module, config: AnalysisConfig, shard: tuple[int, int]
+    ) -> dict[str, PairMap] | None:
+        """Every rank maps its share (:func:`~lightning_swim.analysis.map_shard`) and sends it to all; rank
+        zero returns the merged maps (and raises if a rank failed), the other ranks None."""
+        assert self._x is not None
+        part: MapShard | _Failed
+        try:
+            part = map_shard(target, self._x, config=config, shard=shard).to("cpu")
+        except Exception as err:  # reported by rank zero; this rank still takes part in the gather
+            part = _Failed(shard[0], f"{type(err).__name__}: {err}")
+        parts: list[Any] = [None] * shard[1]
+        torch.distributed.all_gather_object(parts, part)
+        if not trainer.is_global_zero:
+            return None
+        failed = [p for p in parts if isinstance(p, _Failed)]
+        if failed:
+            raise RuntimeError(f"rank {failed[0].rank} could not map its share: {failed[0].message}")
+        return merge_shards(parts)
+
+    # -- figures (drawn on a background thread where the model can be copied cheaply) --------------
+
+    def _submit_figures(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: MapRecord) -> None:
+        """Draw the figures of ``record`` on the figure thread, from copies of what they read (the model,
+        the history so far), so that training goes on meanwhile; on this thread where the model is large,
+        on a GPU, or cannot be copied."""
+        self._figures_step = record.step
+        frozen = _frozen_copy(self._target(pl_module))
+        if frozen is None:
+            self._log_figures(trainer, pl_module, record)
+            return
+        view = copy.copy(self)  # the figures read the history as it is now, and the copied model
+        view._importances = {k: list(v) for k, v in self._importances.items()}
+        view._steps = list(self._steps)
+        view._target = lambda _module: frozen  # type: ignore[method-assign,assignment]
+        self._figures.submit(lambda: view._log_figures(trainer, pl_module, record))
+
+    def _finish_figures(self) -> None:
+        """Wait for the figures still being drawn (at fit end, or on an exception); report a failure once."""
+        for err in self._figures.join():
+            self._warn_once(err, "the figures could not be drawn")
 
     def _warn_once(self, err: Exception, what: str) -> None:
         key = type(err).__name__
@@ -742,6 +1054,15 @@ class PairImportanceMonitor(Callback):
             "index": self._index,
             "index_source": self._index_source,
             "layout_written": self._layout_written,
+            "schedule": {
+                "plan": list(self._plan),
+                "plan_total": self._plan_total,
+                "stride": self._stride,
+                "thinned": self._thinned,
+                "map_seconds": self._map_seconds,
+                "train_seconds": self._train_seconds,
+                "last_map_seconds": self._last_map_seconds,
+            },
         }
 
     @override
@@ -763,6 +1084,14 @@ class PairImportanceMonitor(Callback):
         last = self._steps[-1] if self._steps else -1
         self._resume = (state_dict.get("history_dir"), last, self._generation)
         self.history_dir = None
+        schedule = state_dict.get("schedule") or {}  # (a checkpoint from before the plan: planned at fit start)
+        self._plan = [int(s) for s in schedule.get("plan", [])]
+        self._plan_total = schedule.get("plan_total")
+        self._stride = int(schedule.get("stride", 1))
+        self._thinned = bool(schedule.get("thinned", False))
+        self._map_seconds = float(schedule.get("map_seconds", 0.0))
+        self._train_seconds = float(schedule.get("train_seconds", 0.0))
+        self._last_map_seconds = float(schedule.get("last_map_seconds", 0.0))
         self._layout_written = False  # the resumed fit may log to a new event file (a new logger version)
 
 
@@ -779,3 +1108,73 @@ def _add_png(writer: Any, tag: str, image: Image.Image, step: int) -> None:
     image.save(buffer, format="PNG", compress_level=1)
     png = Summary.Image(height=image.height, width=image.width, colorspace=3, encoded_image_string=buffer.getvalue())
     writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=png)]), step)
+
+
+def _ordinal(k: int) -> str:
+    return f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')}"
+
+
+@dataclasses.dataclass
+class _Failed:
+    """What a rank sends in place of its share of a map that failed there."""
+
+    rank: int
+    message: str
+
+
+FIGURE_COPY_BYTES = 256 * 2**20
+"""The figures are drawn on the figure thread from a copy of the model if its tensors take at most this
+many bytes and are on the CPU; else on the training thread, from the model itself."""
+
+
+def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module | None:
+    """A copy of ``model`` for the figure thread (None where that would be costly or is impossible)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    if any(t.device.type != "cpu" for t in tensors) or size > FIGURE_COPY_BYTES:
+        return None
+    try:
+        return copy.deepcopy(model)  # a LightningModule leaves its trainer out of copies
+    except Exception:
+        return None
+
+
+class _FigureWorker:
+    """One background thread that runs figure jobs in order, from a bounded queue (a full queue makes the
+    training thread wait: memory stays bounded). Started at the first job; :meth:`join` waits for every
+    job and returns their errors."""
+
+    def __init__(self, maxsize: int = 4) -> None:
+        self.maxsize = maxsize
+        self._queue: queue.Queue[Callable[[], None] | None] | None = None
+        self._thread: threading.Thread | None = None
+        self._errors: list[Exception] = []
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._queue = queue.Queue(self.maxsize)
+            self._thread = threading.Thread(target=self._work, args=(self._queue,), name="swim-figures", daemon=True)
+            self._thread.start()
+        assert self._queue is not None
+        self._queue.put(job)
+
+    def _work(self, jobs: queue.Queue[Callable[[], None] | None]) -> None:
+        while (job := jobs.get()) is not None:
+            try:
+                job()
+            except Exception as err:  # reported by the training thread at join
+                self._errors.append(err)
+
+    def join(self) -> list[Exception]:
+        if self._thread is not None and self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+        self._thread = self._queue = None
+        errors, self._errors = self._errors, []
+        return errors
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"maxsize": self.maxsize}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state.get("maxsize", 4))  # type: ignore[misc]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -12,8 +13,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_swim._checks import check_choice, check_positive_int, check_probe, check_targets
-from lightning_swim._data import probe_from_dataloader
+from lightning_swim._checks import check_choice, check_positive_int, check_probe, check_targets, split_probe
+from lightning_swim._data import BatchToInput, probe_from_dataloader, read_batch
 from lightning_swim._modelio import (
     ActivationSpec,
     LayerReading,
@@ -81,8 +82,12 @@ class SWIMInit(Callback):
     of the centred feature Gram matrix): one-hot rows for class labels, the values for regression.
 
     Use it as a function, ``SWIMInit(...).apply(model, x, y)``, or as a Lightning callback: at the
-    start of fit it draws ``probe_size`` examples from the train dataset with its own seeded
-    generator and applies itself to the LightningModule.
+    start of fit it applies itself to the LightningModule with the ``probe`` set, or with ``probe_size``
+    examples drawn from the train dataset with its own seeded generator. Batches are read by
+    ``batch_to_input`` if given, else as a tensor ``x``, a sequence ``(x, y, ...)``, or a mapping with
+    one of the keys ``"x"``, ``"input"``, ``"inputs"``, ``"features"``, ``"image"``, ``"images"`` (the
+    inputs) and optionally one of ``"y"``, ``"target"``, ``"targets"``, ``"label"``, ``"labels"``
+    (the targets).
 
     Activations are detected from what consumes each layer's output (modules such as ``nn.ReLU`` and
     functional calls in ``forward`` alike); pass ``activations`` where they cannot be.
@@ -99,6 +104,10 @@ class SWIMInit(Callback):
         candidates_per_point: candidate pairs scored per point and per ``ceil(width / N)``, as
             ``swimnetworks``' ``repetition_scaler``.
         probe_size: examples drawn from the train data when used as a callback.
+        probe: the data to sample from when used as a callback, ``x`` or ``(x, y)`` (or a batch that
+            ``batch_to_input`` reads); by default ``probe_size`` examples of the train dataset.
+        batch_to_input: a function from a batch of the train loader (after its ``collate_fn``) to its
+            inputs ``x``, or ``(x, y)``, e.g. ``lambda b: (b["pixels"], b["class"])``.
         seed: seed of the generator used for the probe set and every pair draw.
         batch_size: forward the probe set in batches of this size (default: all at once).
         module: the qualified name of the submodule to initialise, e.g. ``"net"`` for a LightningModule
@@ -126,6 +135,8 @@ class SWIMInit(Callback):
         seed: int = 0,
         batch_size: int | None = None,
         module: str | None = None,
+        probe: Any = None,
+        batch_to_input: BatchToInput | None = None,
     ) -> None:
         if task is not None:
             check_choice(task, "task", TASKS)
@@ -138,6 +149,17 @@ class SWIMInit(Callback):
             raise ValueError(f"Expected argument `seed` to be an int but got {seed!r}.")
         if module is not None and not isinstance(module, str):
             raise ValueError(f"Expected argument `module` to be a submodule's name but got {module!r}.")
+        if batch_to_input is not None and not callable(batch_to_input):
+            raise ValueError(
+                f"Expected argument `batch_to_input` to be a function from a batch to `x` or `(x, y)` but got "
+                f"{batch_to_input!r}."
+            )
+        if probe is not None:
+            if batch_to_input is not None and not isinstance(probe, (Tensor, tuple, list)):
+                probe = read_batch(probe, batch_to_input)
+            probe = split_probe(probe, "probe")
+        self.probe: tuple[Tensor, Tensor | None] | None = probe
+        self.batch_to_input = batch_to_input
         self.task = task
         self.activations = activations
         self.layers = list(layers) if layers is not None else None
@@ -258,11 +280,17 @@ class SWIMInit(Callback):
         if trainer.ckpt_path is not None:
             rank_zero_info("SWIMInit: resuming from a checkpoint, so the restored weights are kept.")
             return
-        if trainer.train_dataloader is None:
-            trainer.fit_loop.setup_data()  # what Trainer.estimated_stepping_batches does, too
-        x, y = probe_from_dataloader(
-            trainer.train_dataloader, self.probe_size, torch.Generator().manual_seed(self.seed)
-        )
+        if self.probe is not None:
+            x, y = self.probe
+        else:
+            if trainer.train_dataloader is None:
+                trainer.fit_loop.setup_data()  # what Trainer.estimated_stepping_batches does, too
+            x, y = probe_from_dataloader(
+                trainer.train_dataloader,
+                self.probe_size,
+                torch.Generator().manual_seed(self.seed),
+                batch_to_input=self.batch_to_input,
+            )
         pairs = self.apply(pl_module, x, y)
         if trainer.world_size > 1:
             # DDP broadcast the initial weights when it wrapped the model, before this hook: make every
