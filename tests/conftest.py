@@ -46,3 +46,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             raise pytest.UsageError(reason)
         for item in needs:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keops_memo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts without the process's memory of a KeOps failure (``backend="auto"`` does not retry
+    KeOps after one in a process; a test that breaks KeOps must not decide the engine of later tests)."""
+    from lightning_swim import _search
+
+    monkeypatch.setattr(_search, "_keops_failure", {})

@@ -155,7 +155,6 @@ class TestAgainstBruteForce:
             assert key(tight) == key(loose)
         assert len(loose.m) > a.shape[1]
 
-
     def test_capped_neurons_keep_their_cheapest_pairs_exactly(self):
         """A layer no pair explains well: most pairs fall in the window, the search keeps only the
         cheapest ``max_kept // 2`` per neuron, and those (the best pair, the soft set) stay exact."""
