@@ -258,8 +258,15 @@ def exact_candidates(
 
 def _cap(cand: Candidates, n_neurons: int, keep: int, ceiling: Tensor) -> tuple[Candidates, Tensor]:
     """Keep the ``keep`` cheapest candidates of every neuron that has more (and any tied with the
-    last of them); lower those neurons' ceilings to the largest error kept."""
-    order = _lexsort(cand.m, cand.err)
+    last of them); lower those neurons' ceilings to the largest error kept.
+
+    One sort of an integer key, the neuron above the error's float32 bits (a non-negative float32
+    orders as its bits): float32 rounding may swap errors that round alike, so the ``keep`` kept by
+    rank are the cheapest up to such swaps, and every candidate at most the new ceiling is kept, so
+    the result holds every pair at most the ceiling, as the search needs.
+    """
+    bits = cand.err.float().clamp_min(0.0).view(torch.int32).long()
+    order = torch.sort((cand.m.long() << 31) | bits).indices
     m, err = cand.m[order], cand.err[order]
     counts = torch.bincount(m, minlength=n_neurons)
     start = torch.cumsum(counts, 0) - counts
