@@ -38,9 +38,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_swim import PairImportanceMonitor, convert_network, fidelity, load_history
-from lightning_swim._datasets import mnist1d
 from lightning_swim._modelio import read_model
 from lightning_swim.analysis import chance_fidelity, neuron_weights_of
+from lightning_swim.datasets import mnist1d
 from lightning_swim.network import random_maps
 from lightning_swim.pairmap import PairMap
 from lightning_swim.patches import input_window, top_patch_pairs

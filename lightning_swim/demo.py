@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_swim._datasets import digits
+from lightning_swim.datasets import digits
 from lightning_swim.callbacks import PairImportanceMonitor
 from lightning_swim.history import load_history
 
