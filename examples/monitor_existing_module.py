@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> list:
         enable_checkpointing=False,
         enable_model_summary=False,
         accelerator="cpu",
+        log_every_n_steps=10,  # an epoch of digits is 22 batches
     )
     trainer.fit(DigitsClassifier(seed=args.seed))
 

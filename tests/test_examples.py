@@ -53,7 +53,12 @@ def test_lazy_vs_rich(tmp_path, capsys):
     rich, lazy = results[0.1], results[100.0]
     assert [r["step"] for r in rich] == [0, 20, 40, 60]
     assert rich[-1]["moved"] > 10 * lazy[-1]["moved"]  # large alpha: the weights barely move
-    assert "pair cost" in capsys.readouterr().out
+    assert rich[0]["same_pairs"] == lazy[0]["same_pairs"] == 1.0  # the initial map against itself
+    assert lazy[-1]["same_pairs"] > 0.9 > 0.5 > rich[-1]["same_pairs"]  # the lazy map stays the initial map
+    assert rich[-1]["fidelity"] > rich[-1]["random_pairs"] + 0.2  # the rich layer's pairs rebuild the model
+    assert lazy[-1]["f_fidelity"] > lazy[-1]["f_random_pairs"] + 0.2  # the lazy layer's pairs rebuild f
+    out = capsys.readouterr().out
+    assert "pair cost" in out and "random pairs" in out and "chance" in out
 
 
 def test_pairs_2d_regression(tmp_path):
