@@ -61,12 +61,14 @@ def test_lazy_vs_rich(tmp_path, capsys):
     assert "pair cost" in out and "random pairs" in out and "chance" in out
 
 
-def test_pairs_2d_regression(tmp_path):
-    history = load_example("pairs_2d_regression").main(
-        ["--epochs", "4", "--every", "2", "--logdir", str(tmp_path), "--out", str(tmp_path / "png")]
-    )
+def test_pairs_2d_regression(tmp_path, monkeypatch):
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    logs = tmp_path / "logs"
+    history = load_example("pairs_2d_regression").main(["--epochs", "4", "--every", "2", "--logdir", str(logs)])
     assert [r.step for r in history] == [0, 16, 32]
-    assert len(list((tmp_path / "png").glob("pairs_step*.png"))) == 3
+    assert len(list((logs / "pairs_2d" / "version_0" / "png").glob("pairs_step*.png"))) == 3
+    assert not list((tmp_path / "cwd").iterdir())  # nothing written into the working directory
 
 
 def test_rebuild_without_lightning(capsys):
