@@ -104,6 +104,7 @@ def test_demo_cli(tmp_path, capsys):
     assert "tensorboard --logdir" in out and "Sinkhorn div." in out and "net.0" in out and "net.2" in out
     # TensorBoard is pointed at the logger's root, so that it names the run (a run folder itself shows as ".")
     assert f"tensorboard --logdir {tmp_path.resolve()}\n(this run is 'demo/version_0' there)" in out
+    assert "Spearman correlation" in out and "EL2N" in out and "TracIn" in out  # the influence baselines beside
     assert list(tmp_path.rglob("events.out.tfevents.*"))
     assert list(tmp_path.rglob("map_step*.npz"))
 
