@@ -27,6 +27,7 @@ def test_every_example_is_tested():
         "lazy_vs_rich",
         "pairs_2d_regression",
         "rebuild_without_lightning",
+        "mnist1d_cnn_vs_mlp",  # in test_conv.py
     }
     assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
 
