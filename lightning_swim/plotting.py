@@ -473,12 +473,16 @@ def top_pairs(
     y: Tensor | None = None,
     title: str = "",
     index: Tensor | None = None,
+    input_layer: bool = True,
 ) -> Image.Image:
     """The pairs of the ``k`` weightiest neurons: ``x_from -> x_to`` and ``x_to - x_from``, one neuron a row.
 
-    A SWIM neuron's weight is ``s1 (x_to - x_from) / |x_to - x_from|^2``, so the third panel of each row
-    is the direction the neuron's weight points in (blue negative, red positive). Each row is headed by
-    the neuron, its share of the layer's neuron weight and the function-space error of its pair.
+    A SWIM neuron's weight is ``s1 (x_to - x_from) / |x_to - x_from|^2`` in the layer's input space, so
+    for a layer applied to the data itself the third panel of each row is the direction the neuron's
+    weight points in (blue negative, red positive); for a deeper layer it is the difference of the two
+    examples, while the weight points along the difference of their features at that layer (the caption
+    says which). Each row is headed by the neuron, its share of the layer's neuron weight and the
+    function-space error of its pair.
 
     Args:
         x: the probe set, ``[N, ...]``.
@@ -489,6 +493,8 @@ def top_pairs(
         y: labels or targets of the probe rows.
         title: the figure's title.
         index: the dataset index of every probe row, shown as ``#1340``.
+        input_layer: whether the layer is applied to ``x`` itself (else its pairs live in the space of
+            an earlier layer's outputs, and the difference drawn is not its weight's direction).
 
     Returns:
         An RGB image :data:`WIDTH` pixels wide.
@@ -497,15 +503,20 @@ def top_pairs(
     kind = _kind(x, shape)
     neurons, share = _neuron_order(pm, neuron_weights, k)
     title = title or f"The pairs of the {len(neurons)} weightiest neurons"
+    direction = (
+        "the direction of its weight"
+        if input_layer
+        else "the input difference (its weight points along the difference of their features at this layer)"
+    )
     if kind == "tabular":
         note = (
             "Per neuron: its share of the layer's neuron weight and the error of its pair; rows x_from, x_to "
-            "(dataset index, class) and x_to − x_from, the direction of its weight."
+            f"(dataset index, class) and x_to − x_from, {direction}."
         )
     else:
         note = (
             "Per neuron: its share of the layer's neuron weight and the error of its pair; x_from → x_to "
-            "(dataset index, class), then x_to − x_from, the direction of its weight (blue −, red +)."
+            f"(dataset index, class), then x_to − x_from, {direction} (blue −, red +)."
         )
     parts = [_header(title, note)]
     if not neurons:

@@ -305,3 +305,21 @@ def test_monitor_names_points_by_their_dataset_index_and_draws_tabular_data_as_f
         if name != "importance_heatmap":
             assert args[2] is None  # drawn as features, not as a 4x4 image
     assert not torch.equal(monitor._index, torch.arange(64))  # drawn from the dataset: real indices
+
+
+def test_only_a_layer_on_the_data_itself_has_its_pair_difference_called_its_weight_direction(tmp_path, monkeypatch):
+    # a deeper layer's weight points along the difference of the pair's *features*: its caption must not
+    # call the difference of the two inputs the direction of its weight
+    x, y = digits()[0][:160], digits()[1][:160]
+    seen = {}
+    original = plotting.top_pairs
+
+    def spy(*args, **kwargs):
+        seen[kwargs["title"].split(":")[0]] = kwargs["input_layer"]
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(plotting, "top_pairs", spy)
+    monitor = PairImportanceMonitor(every_n_epochs=1, probe_size=64, top_k=4, fidelity=False, log_images="end")
+    t = trainer(tmp_path, callbacks=[monitor], max_epochs=1, logger=TensorBoardLogger(tmp_path, name="tb", version=0))
+    t.fit(MLPModule([64, 12, 8, 10], x, y))
+    assert seen == {"net.0": True, "net.2": False}

@@ -101,6 +101,16 @@ _SPEARMAN_CHARTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 )
 
 
+def _reads_the_input(layer: Any, x: Tensor) -> bool:
+    """Whether a layer (a :class:`~lightning_swim._modelio.LayerReading` read on the first rows of ``x``) is
+    applied to the probe's examples themselves, so that its pairs' differences are its weights' directions."""
+    if layer is None or layer.input is None:
+        return False
+    inp = layer.input.detach().reshape(len(layer.input), -1)
+    rows = x[: len(inp)].detach().reshape(len(inp), -1).to(device=inp.device, dtype=inp.dtype)
+    return inp.shape == rows.shape and torch.equal(inp, rows)
+
+
 def _influence_scores(trainer: pl.Trainer) -> tuple[str, ...]:
     """The scores an InfluenceMonitor attached to ``trainer`` logs (none without one)."""
     from lightning_swim.callbacks.influence import InfluenceMonitor
@@ -1042,6 +1052,7 @@ class PairImportanceMonitor(Callback):
                     y=y,
                     index=index,
                     title=f"{name}: the pairs of its weightiest neurons, step {step}",
+                    input_layer=_reads_the_input(conv, x),
                 )
             figs["importance_over_time"] = plotting.importance_heatmap(
                 self._importances[name], self._steps, title=f"{name}: pair importance over training", index=index, y=y
