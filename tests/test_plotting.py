@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -323,3 +324,33 @@ def test_only_a_layer_on_the_data_itself_has_its_pair_difference_called_its_weig
     t = trainer(tmp_path, callbacks=[monitor], max_epochs=1, logger=TensorBoardLogger(tmp_path, name="tb", version=0))
     t.fit(MLPModule([64, 12, 8, 10], x, y))
     assert seen == {"net.0": True, "net.2": False}
+
+
+def test_patch_pairs_of_a_cnn_that_unflattens_flat_examples(tmp_path):
+    # flat [N, 64] digits reshaped by the model (nn.Unflatten) before its convolutions: the patch figures
+    # view the probe as the convolutions' input (they used to fail at fit end on the flat probe)
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    x, y = digits()[0][:128], digits()[1][:128]
+    module = MLPModule([64, 10], x, y)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        module.net = torch.nn.Sequential(
+            torch.nn.Unflatten(1, (1, 8, 8)),
+            torch.nn.Conv2d(1, 4, 3),
+            torch.nn.ReLU(),
+            torch.nn.Flatten(),
+            torch.nn.Linear(144, 8),
+            torch.nn.ReLU(),
+            torch.nn.Linear(8, 10),
+        )
+    monitor = PairImportanceMonitor(
+        every_n_epochs=1, probe_size=48, patches=128, top_k=4, fidelity=False, log_images="end", backend="torch"
+    )
+    t = trainer(tmp_path, callbacks=[monitor], max_epochs=1, logger=TensorBoardLogger(tmp_path, name="tb", version=0))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*figures.*failed.*")
+        t.fit(module)
+    acc = EventAccumulator(t.log_dir, size_guidance={IMAGES: 0})
+    acc.Reload()
+    assert {"swim/net.1/top_pairs", "swim/net.1/top_points", "swim/net.4/top_pairs"} <= set(acc.Tags()[IMAGES])
