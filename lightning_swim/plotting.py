@@ -600,7 +600,8 @@ def patch_pairs(
 
     A convolutional neuron (an output channel) is a dense neuron over its input's patches, so its pair
     is two patches, each of some example at some location. Each row shows the example of ``x_from``
-    with its patch outlined in orange, ``->``, the example of ``x_to`` with its patch outlined in blue;
+    with its patch outlined in orange, ``->``, the example of ``x_to`` with its patch outlined in blue
+    (signals: framed in orange and blue, each patch a shaded window);
     the ``k`` pairs of largest ``importance`` are shown, the largest first.
 
     Args:
@@ -655,10 +656,16 @@ def patch_pairs(
         order = torch.argsort(importance.detach().double().cpu(), descending=True, stable=True).tolist()
     order = order[: max(0, k)]
     title = title or f"The {len(order)} most important pairs of patches"
-    note = (
-        "Per pair: the example of x_from with its patch in orange → that of x_to with its patch in blue "
-        "(dataset index, class, patch position)."
-    )
+    if spatial == 2:
+        note = (
+            "Per pair: the example of x_from with its patch in orange → that of x_to with its patch in blue "
+            "(dataset index, class, patch position)."
+        )
+    else:  # a signal's patch is a shaded window; the frames say which example is which
+        note = (
+            "Per pair: the signal of x_from (orange frame) → that of x_to (blue frame), each with its patch "
+            "shaded (dataset index, class, patch window)."
+        )
     parts = [_header(title, note)]
     lo, hi = float(x.min()), float(x.max())
     shape = tuple(x.shape[1:])
@@ -676,7 +683,7 @@ def patch_pairs(
                 draw.rectangle(_clip(box, tile.size), outline=colour, width=2)
             else:
                 tile = _signal(x[int(ex)], lo, hi, size=(132, 64), window=(start[0], start[0] + size[0]))
-            tiles.append(_boxed(tile))
+            tiles.append(_boxed(tile) if spatial == 2 else _boxed(tile, colour, 2))
             where = f"({start[0]}, {start[1]})" if spatial == 2 else f"[{start[0]}:{start[0] + size[0]}]"
             labels.append(f"{_point(index, y, int(ex))} {where}")
         bits = [f"neuron {int(neurons[q])}"] if neurons is not None else []
