@@ -22,6 +22,8 @@ and writes the top pairs of every layer as figures (patches outlined on their si
 
     python examples/mnist1d_cnn_vs_mlp.py [--epochs 25] [--probe-size 256] [--out DIR]
 
+The figures go into ``lightning_swim_runs/mnist1d_cnn_vs_mlp`` unless ``--out`` names another folder.
+
 Needs ``pip install mnist1d`` (or ``lightning-swim[examples]``).
 """
 
@@ -38,9 +40,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_swim import PairImportanceMonitor, convert_network, fidelity, load_history
-from lightning_swim._datasets import mnist1d
 from lightning_swim._modelio import read_model
 from lightning_swim.analysis import chance_fidelity, neuron_weights_of
+from lightning_swim.datasets import mnist1d
 from lightning_swim.network import random_maps
 from lightning_swim.pairmap import PairMap
 from lightning_swim.patches import input_window, top_patch_pairs
@@ -192,7 +194,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--patches", type=int, default=2048, help="patches per conv layer in a map")
     parser.add_argument("--top-k", type=int, default=32, help="candidates re-ranked per neuron")
     parser.add_argument("--train-size", type=int, default=4000)
-    parser.add_argument("--out", default=".", help="folder for the figures")
+    parser.add_argument(
+        "--out", default="lightning_swim_runs/mnist1d_cnn_vs_mlp", help="folder for the figures (created)"
+    )
     args = parser.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     xtr, ytr, xte, yte = mnist1d()

@@ -10,6 +10,7 @@ The module below is an ordinary digits classifier; nothing in it knows about SWI
 from __future__ import annotations
 
 import argparse
+import math
 import warnings
 
 import lightning.pytorch as pl
@@ -19,18 +20,20 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_swim import PairImportanceMonitor, load_history  # <- added
-from lightning_swim._datasets import digits
+from lightning_swim.datasets import digits
 
 
 class DigitsClassifier(pl.LightningModule):
     """Someone's existing model: a 64-128-64-10 ReLU MLP trained with Adam."""
 
-    def __init__(self, lr: float = 1e-3) -> None:
+    def __init__(self, lr: float = 1e-3, seed: int = 0) -> None:
         super().__init__()
-        self.lr = lr
-        self.body = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU())
-        self.head = nn.Linear(64, 10)
-        self.xtr, self.ytr, _, _ = digits()
+        self.lr, self.seed = lr, seed
+        with torch.random.fork_rng():  # a seeded initialisation that leaves the global RNG as it was
+            torch.manual_seed(seed)
+            self.body = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU())
+            self.head = nn.Linear(64, 10)
+        self.xtr, self.ytr, _, _ = digits(seed=seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
@@ -45,7 +48,12 @@ class DigitsClassifier(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.xtr, self.ytr), batch_size=64, shuffle=True)
+        shuffle = torch.Generator().manual_seed(self.seed)  # the same batches in every run
+        return DataLoader(TensorDataset(self.xtr, self.ytr), batch_size=64, shuffle=True, generator=shuffle)
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "-" if not math.isfinite(value) else format(value, spec)
 
 
 def main(argv: list[str] | None = None) -> list:
@@ -53,10 +61,11 @@ def main(argv: list[str] | None = None) -> list:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--logdir", default="lightning_swim_runs")
     parser.add_argument("--probe-size", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the model, the batches and the probe")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
-    monitor = PairImportanceMonitor(every_n_epochs=2, probe_size=args.probe_size)  # <- added
+    monitor = PairImportanceMonitor(every_n_epochs=2, probe_size=args.probe_size, seed=args.seed)  # <- added
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         callbacks=[monitor],  # <- added
@@ -64,19 +73,35 @@ def main(argv: list[str] | None = None) -> list:
         enable_checkpointing=False,
         enable_model_summary=False,
         accelerator="cpu",
+        log_every_n_steps=10,  # an epoch of digits is 22 batches
     )
-    trainer.fit(DigitsClassifier())
+    trainer.fit(DigitsClassifier(seed=args.seed))
 
     history = load_history(trainer.log_dir)  # every map, also readable after the run
-    print(f"\n{'step':>5} | {'layer':>6} | {'func error':>10} | {'eff. points':>11} | {'turnover':>8} | fidelity")
+    print(
+        f"\n{'step':>5} | {'layer':>6} | {'func error':>10} | {'eff. points':>11} | {'random':>6} | {'turnover':>8} | "
+        f"{'fidelity':>8} | {'random pairs':>12} | {'chance':>6}"
+    )
     for record in history:
+        s = record.scalars
         for layer in record.maps:
-            s = record.scalars
+            # no turnover at the first map: there is no previous map to compare with
             turnover = s.get(f"swim/{layer}/turnover", float("nan"))
             print(
                 f"{record.step:>5} | {layer:>6} | {s[f'swim/{layer}/func_error_median']:>10.3f} | "
-                f"{s[f'swim/{layer}/effective_points']:>11.1f} | {turnover:>8.2f} | {s[f'swim/{layer}/fidelity']:.3f}"
+                f"{s[f'swim/{layer}/effective_points']:>11.1f} | "
+                f"{_fmt(s.get(f'swim/{layer}/effective_points_random_pairs', math.nan), '.1f'):>6} | "
+                f"{_fmt(turnover, '.2f'):>8} | {s[f'swim/{layer}/fidelity']:>8.3f} | "
+                f"{_fmt(s.get(f'swim/{layer}/fidelity_random_pairs', math.nan), '.3f'):>12} | "
+                f"{_fmt(s.get('swim/network/fidelity_chance', math.nan), '.3f'):>6}"
             )
+    n_probe = len(next(iter(history[-1].importance.values())))
+    print(
+        f"effective points: exp(entropy) of the pair importance over the {n_probe} probe digits, next to that of "
+        "random pairs;\nturnover: share of neurons whose pair changed since the previous map ('-' at the first);\n"
+        "fidelity: agreement of the network with the layer rebuilt from its pairs on the probe, next to the layer "
+        "rebuilt\nfrom random pairs and to chance (the share of the most common prediction)"
+    )
     print(f"\ntensorboard --logdir {trainer.log_dir}")
     return history
 

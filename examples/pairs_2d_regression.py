@@ -7,7 +7,10 @@ figure to TensorBoard at every map; this script also saves it as PNG files and p
 settle: the median pair cost, the turnover between maps, and the fidelity of the network rebuilt
 from its pairs.
 
-    python examples/pairs_2d_regression.py [--epochs 60] [--out pairs_2d]
+    python examples/pairs_2d_regression.py [--epochs 60] [--out FOLDER]
+
+The PNG files go into the run's log folder (``lightning_swim_runs/pairs_2d/version_N/png``) unless
+``--out`` names another.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> list:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--every", type=int, default=15, help="map every this many epochs")
     parser.add_argument("--logdir", default="lightning_swim_runs")
-    parser.add_argument("--out", default="pairs_2d", help="folder for the PNG figures")
+    parser.add_argument("--out", default=None, help="folder for the PNG figures (default: <the run's log dir>/png)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> list:
 
     history = load_history(trainer.log_dir)
     x, y = load_probe(trainer.log_dir)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else Path(str(trainer.log_dir)) / "png"
     out.mkdir(parents=True, exist_ok=True)
     # the neuron weights of the last map: |w_m| |a_m| with the trained output weights
     omega = contribution_weights(model.net[0].weight, model.net[2].weight)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lightning_swim import convert_network, fidelity, map_network, pair_importance
-from lightning_swim._datasets import digits
+from lightning_swim.datasets import digits
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> None:

@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--probe-size", type=int, default=512, help="probe digits (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument(
+        "--no-influence",
+        action="store_true",
+        help="without the InfluenceMonitor (EL2N and TracIn of the probe digits beside pair importance)",
+    )
     ev = sub.add_parser(
         "evaluate",
         help="does a per-point score say which training digits matter? retrain without / with only its top points",
@@ -72,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             probe_size=args.probe_size,
             seed=args.seed,
             progress=not args.quiet,
+            compare=not args.no_influence,
         )
     return 0
 

@@ -65,6 +65,28 @@ def input_window(
     return window if reads_input else None
 
 
+def _as_convolution_input(x: Tensor, layers: Sequence[LayerReading], name: str) -> Tensor:
+    """``x`` viewed as the input of the convolutions that lead to layer ``name`` when the model reshapes its
+    examples before them (flat ``[N, 64]`` digits and an ``nn.Unflatten(1, (1, 8, 8))``): ``[N, C, ...]``.
+
+    The view is taken only where the first convolution of the chain reads exactly the probe's values (its
+    captured input on the first rows of ``x`` equals them); otherwise ``x`` is returned as it is.
+    """
+    k = [la.name for la in layers].index(name)
+    first = layers[k]
+    for prev in reversed(layers[:k]):  # the chain of convolutions, as in input_window
+        if first.input is None or not isinstance(prev.kind, ConvKind) or prev.grid != tuple(first.input.shape[2:]):
+            break
+        first = prev
+    inp = first.input
+    if not isinstance(first.kind, ConvKind) or inp is None or tuple(inp.shape[1:]) == tuple(x.shape[1:]):
+        return x
+    rows = x[: len(inp)].reshape(len(inp), -1)
+    if rows.shape != inp.reshape(len(inp), -1).shape or not torch.equal(rows.to(inp), inp.reshape(len(inp), -1)):
+        return x
+    return x.reshape(len(x), *inp.shape[1:])
+
+
 def top_patch_pairs(
     x: Tensor,
     pm: PairMap,
@@ -95,6 +117,7 @@ def top_patch_pairs(
     """
     from lightning_swim import plotting
 
+    x = _as_convolution_input(x, layers, name)
     layer = next(la for la in layers if la.name == name)
     L = max(1, layer.locations)
     spatial = x.ndim - 2

@@ -473,12 +473,16 @@ def top_pairs(
     y: Tensor | None = None,
     title: str = "",
     index: Tensor | None = None,
+    input_layer: bool = True,
 ) -> Image.Image:
     """The pairs of the ``k`` weightiest neurons: ``x_from -> x_to`` and ``x_to - x_from``, one neuron a row.
 
-    A SWIM neuron's weight is ``s1 (x_to - x_from) / |x_to - x_from|^2``, so the third panel of each row
-    is the direction the neuron's weight points in (blue negative, red positive). Each row is headed by
-    the neuron, its share of the layer's neuron weight and the function-space error of its pair.
+    A SWIM neuron's weight is ``s1 (x_to - x_from) / |x_to - x_from|^2`` in the layer's input space, so
+    for a layer applied to the data itself the third panel of each row is the direction the neuron's
+    weight points in (blue negative, red positive); for a deeper layer it is the difference of the two
+    examples, while the weight points along the difference of their features at that layer (the caption
+    says which). Each row is headed by the neuron, its share of the layer's neuron weight and the
+    function-space error of its pair.
 
     Args:
         x: the probe set, ``[N, ...]``.
@@ -489,6 +493,8 @@ def top_pairs(
         y: labels or targets of the probe rows.
         title: the figure's title.
         index: the dataset index of every probe row, shown as ``#1340``.
+        input_layer: whether the layer is applied to ``x`` itself (else its pairs live in the space of
+            an earlier layer's outputs, and the difference drawn is not its weight's direction).
 
     Returns:
         An RGB image :data:`WIDTH` pixels wide.
@@ -497,15 +503,20 @@ def top_pairs(
     kind = _kind(x, shape)
     neurons, share = _neuron_order(pm, neuron_weights, k)
     title = title or f"The pairs of the {len(neurons)} weightiest neurons"
+    direction = (
+        "the direction of its weight"
+        if input_layer
+        else "the input difference (its weight points along the difference of their features at this layer)"
+    )
     if kind == "tabular":
         note = (
             "Per neuron: its share of the layer's neuron weight and the error of its pair; rows x_from, x_to "
-            "(dataset index, class) and x_to − x_from, the direction of its weight."
+            f"(dataset index, class) and x_to − x_from, {direction}."
         )
     else:
         note = (
             "Per neuron: its share of the layer's neuron weight and the error of its pair; x_from → x_to "
-            "(dataset index, class), then x_to − x_from, the direction of its weight (blue −, red +)."
+            f"(dataset index, class), then x_to − x_from, {direction} (blue −, red +)."
         )
     parts = [_header(title, note)]
     if not neurons:
@@ -589,7 +600,8 @@ def patch_pairs(
 
     A convolutional neuron (an output channel) is a dense neuron over its input's patches, so its pair
     is two patches, each of some example at some location. Each row shows the example of ``x_from``
-    with its patch outlined in orange, ``->``, the example of ``x_to`` with its patch outlined in blue;
+    with its patch outlined in orange, ``->``, the example of ``x_to`` with its patch outlined in blue
+    (signals: framed in orange and blue, each patch a shaded window);
     the ``k`` pairs of largest ``importance`` are shown, the largest first.
 
     Args:
@@ -644,10 +656,16 @@ def patch_pairs(
         order = torch.argsort(importance.detach().double().cpu(), descending=True, stable=True).tolist()
     order = order[: max(0, k)]
     title = title or f"The {len(order)} most important pairs of patches"
-    note = (
-        "Per pair: the example of x_from with its patch in orange → that of x_to with its patch in blue "
-        "(dataset index, class, patch position)."
-    )
+    if spatial == 2:
+        note = (
+            "Per pair: the example of x_from with its patch in orange → that of x_to with its patch in blue "
+            "(dataset index, class, patch position)."
+        )
+    else:  # a signal's patch is a shaded window; the frames say which example is which
+        note = (
+            "Per pair: the signal of x_from (orange frame) → that of x_to (blue frame), each with its patch "
+            "shaded (dataset index, class, patch window)."
+        )
     parts = [_header(title, note)]
     lo, hi = float(x.min()), float(x.max())
     shape = tuple(x.shape[1:])
@@ -665,7 +683,7 @@ def patch_pairs(
                 draw.rectangle(_clip(box, tile.size), outline=colour, width=2)
             else:
                 tile = _signal(x[int(ex)], lo, hi, size=(132, 64), window=(start[0], start[0] + size[0]))
-            tiles.append(_boxed(tile))
+            tiles.append(_boxed(tile) if spatial == 2 else _boxed(tile, colour, 2))
             where = f"({start[0]}, {start[1]})" if spatial == 2 else f"[{start[0]}:{start[0] + size[0]}]"
             labels.append(f"{_point(index, y, int(ex))} {where}")
         bits = [f"neuron {int(neurons[q])}"] if neurons is not None else []

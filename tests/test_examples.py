@@ -27,6 +27,7 @@ def test_every_example_is_tested():
         "lazy_vs_rich",
         "pairs_2d_regression",
         "rebuild_without_lightning",
+        "mnist1d_cnn_vs_mlp",  # in test_conv.py
     }
     assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
 
@@ -53,15 +54,22 @@ def test_lazy_vs_rich(tmp_path, capsys):
     rich, lazy = results[0.1], results[100.0]
     assert [r["step"] for r in rich] == [0, 20, 40, 60]
     assert rich[-1]["moved"] > 10 * lazy[-1]["moved"]  # large alpha: the weights barely move
-    assert "pair cost" in capsys.readouterr().out
+    assert rich[0]["same_pairs"] == lazy[0]["same_pairs"] == 1.0  # the initial map against itself
+    assert lazy[-1]["same_pairs"] > 0.9 > 0.5 > rich[-1]["same_pairs"]  # the lazy map stays the initial map
+    assert rich[-1]["fidelity"] > rich[-1]["random_pairs"] + 0.2  # the rich layer's pairs rebuild the model
+    assert lazy[-1]["f_fidelity"] > lazy[-1]["f_random_pairs"] + 0.2  # the lazy layer's pairs rebuild f
+    out = capsys.readouterr().out
+    assert "pair cost" in out and "random pairs" in out and "chance" in out
 
 
-def test_pairs_2d_regression(tmp_path):
-    history = load_example("pairs_2d_regression").main(
-        ["--epochs", "4", "--every", "2", "--logdir", str(tmp_path), "--out", str(tmp_path / "png")]
-    )
+def test_pairs_2d_regression(tmp_path, monkeypatch):
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    logs = tmp_path / "logs"
+    history = load_example("pairs_2d_regression").main(["--epochs", "4", "--every", "2", "--logdir", str(logs)])
     assert [r.step for r in history] == [0, 16, 32]
-    assert len(list((tmp_path / "png").glob("pairs_step*.png"))) == 3
+    assert len(list((logs / "pairs_2d" / "version_0" / "png").glob("pairs_step*.png"))) == 3
+    assert not list((tmp_path / "cwd").iterdir())  # nothing written into the working directory
 
 
 def test_rebuild_without_lightning(capsys):
@@ -97,6 +105,7 @@ def test_demo_cli(tmp_path, capsys):
     assert "tensorboard --logdir" in out and "Sinkhorn div." in out and "net.0" in out and "net.2" in out
     # TensorBoard is pointed at the logger's root, so that it names the run (a run folder itself shows as ".")
     assert f"tensorboard --logdir {tmp_path.resolve()}\n(this run is 'demo/version_0' there)" in out
+    assert "Spearman correlation" in out and "EL2N" in out and "TracIn" in out  # the influence baselines beside
     assert list(tmp_path.rglob("events.out.tfevents.*"))
     assert list(tmp_path.rglob("map_step*.npz"))
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -220,6 +222,21 @@ class TestInfluenceMonitor:
         assert events[-1].value == pytest.approx(rho, abs=1e-6)
         torch.testing.assert_close(monitor.el2n, el2n_scores(module, px, py))
         assert "swim/net.0/spearman_tracin" in acc.Tags()["scalars"]
+        # EL2N's chance reference: a uniform prediction over the 10 classes
+        assert acc.Scalars("swim/influence/el2n_chance")[-1].value == pytest.approx(math.sqrt(1 - 1 / 10))
+        # the pair monitor's custom-scalar layout charts the influence tags, and only tags that are written
+        layout = _layout(t.log_dir)
+        charted = {tag for charts in layout.values() for tags in charts.values() for tag in tags}
+        influence = {tag for tag in charted if "influence" in tag or "spearman" in tag}
+        assert influence == {
+            "swim/influence/el2n_mean",
+            "swim/influence/el2n_chance",
+            "swim/influence/tracin_mean",
+            "swim/net.0/spearman_el2n",
+            "swim/net.0/spearman_tracin",
+        }
+        assert influence <= set(acc.Tags()["scalars"])
+        assert any("Spearman" in title for title in layout["SWIM: layer net.0"])
 
     def test_without_a_public_record_the_correlation_is_skipped(self, tmp_path, digits_data):
         x, y = digits_data
@@ -253,3 +270,26 @@ class TestInfluenceMonitor:
     def test_validated_in_init(self, kwargs, match):
         with pytest.raises(ValueError, match=match):
             InfluenceMonitor(**kwargs)
+
+
+def _layout(log_dir: str) -> dict[str, dict[str, set[str]]]:
+    """The custom-scalar layout in a run's event files: category -> chart title -> its tags."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    for path in Path(log_dir).glob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "custom_scalars":
+                    layout = layout_pb2.Layout()
+                    layout.ParseFromString(value.tensor.string_val[0])
+                    return {
+                        cat.title: {
+                            c.title: {
+                                t for series in c.margin.series for t in (series.value, series.lower, series.upper)
+                            }
+                            for c in cat.chart
+                        }
+                        for cat in layout.category
+                    }
+    return {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -305,3 +306,51 @@ def test_monitor_names_points_by_their_dataset_index_and_draws_tabular_data_as_f
         if name != "importance_heatmap":
             assert args[2] is None  # drawn as features, not as a 4x4 image
     assert not torch.equal(monitor._index, torch.arange(64))  # drawn from the dataset: real indices
+
+
+def test_only_a_layer_on_the_data_itself_has_its_pair_difference_called_its_weight_direction(tmp_path, monkeypatch):
+    # a deeper layer's weight points along the difference of the pair's *features*: its caption must not
+    # call the difference of the two inputs the direction of its weight
+    x, y = digits()[0][:160], digits()[1][:160]
+    seen = {}
+    original = plotting.top_pairs
+
+    def spy(*args, **kwargs):
+        seen[kwargs["title"].split(":")[0]] = kwargs["input_layer"]
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(plotting, "top_pairs", spy)
+    monitor = PairImportanceMonitor(every_n_epochs=1, probe_size=64, top_k=4, fidelity=False, log_images="end")
+    t = trainer(tmp_path, callbacks=[monitor], max_epochs=1, logger=TensorBoardLogger(tmp_path, name="tb", version=0))
+    t.fit(MLPModule([64, 12, 8, 10], x, y))
+    assert seen == {"net.0": True, "net.2": False}
+
+
+def test_patch_pairs_of_a_cnn_that_unflattens_flat_examples(tmp_path):
+    # flat [N, 64] digits reshaped by the model (nn.Unflatten) before its convolutions: the patch figures
+    # view the probe as the convolutions' input (they used to fail at fit end on the flat probe)
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    x, y = digits()[0][:128], digits()[1][:128]
+    module = MLPModule([64, 10], x, y)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        module.net = torch.nn.Sequential(
+            torch.nn.Unflatten(1, (1, 8, 8)),
+            torch.nn.Conv2d(1, 4, 3),
+            torch.nn.ReLU(),
+            torch.nn.Flatten(),
+            torch.nn.Linear(144, 8),
+            torch.nn.ReLU(),
+            torch.nn.Linear(8, 10),
+        )
+    monitor = PairImportanceMonitor(
+        every_n_epochs=1, probe_size=48, patches=128, top_k=4, fidelity=False, log_images="end", backend="torch"
+    )
+    t = trainer(tmp_path, callbacks=[monitor], max_epochs=1, logger=TensorBoardLogger(tmp_path, name="tb", version=0))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*figures.*failed.*")
+        t.fit(module)
+    acc = EventAccumulator(t.log_dir, size_guidance={IMAGES: 0})
+    acc.Reload()
+    assert {"swim/net.1/top_pairs", "swim/net.1/top_points", "swim/net.4/top_pairs"} <= set(acc.Tags()[IMAGES])

@@ -10,13 +10,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_swim._checks import check_positive_int, check_probe
 from lightning_swim._data import draw_probe
+from lightning_swim._modelio import model_device_dtype
 from lightning_swim.evaluate import spearman
-from lightning_swim.influence import LossFn, TracInAccumulator, el2n_scores
+from lightning_swim.influence import LossFn, TracInAccumulator, _eval_mode, el2n_scores
 
 __all__ = ["InfluenceMonitor"]
 
@@ -43,8 +44,9 @@ class InfluenceMonitor(Callback):
 
     - ``swim/influence/el2n``, ``swim/influence/tracin``: histograms of the probe's EL2N and
       accumulated TracIn;
-    - ``swim/influence/el2n_mean``, ``swim/influence/tracin_mean``: their means (EL2N of a uniform
-      prediction is :math:`\sqrt{1 - 1/C}`: the chance reference);
+    - ``swim/influence/el2n_mean``, ``swim/influence/tracin_mean``: their means, and
+      ``swim/influence/el2n_chance``: the EL2N of a uniform prediction over the ``C`` classes,
+      :math:`\sqrt{1 - 1/C}` (the chance reference);
     - ``swim/<layer>/spearman_el2n``, ``swim/<layer>/spearman_tracin``: Spearman's :math:`\rho` of the
       layer's latest pair importance with EL2N and TracIn on the probe (0: unrelated), when a
       ``PairImportanceMonitor`` with a ``latest_record`` is attached.
@@ -188,6 +190,8 @@ class InfluenceMonitor(Callback):
             if self.compute_el2n and not y.is_floating_point():
                 self.el2n = el2n_scores(pl_module, x, y)
                 scalars["swim/influence/el2n_mean"] = float(self.el2n.mean())
+                classes = _n_classes(pl_module, x, y)
+                scalars["swim/influence/el2n_chance"] = math.sqrt(1 - 1 / classes)
             if self.compute_tracin:
                 if self._acc is None:
                     self._acc = TracInAccumulator(x, y, loss_fn=self.loss_fn)
@@ -249,3 +253,13 @@ class InfluenceMonitor(Callback):
         self.steps = list(state_dict["steps"])
         self._acc = None
         self._pending_tracin = state_dict["tracin"]
+
+
+def _n_classes(model: nn.Module, x: Tensor, y: Tensor) -> int:
+    """The number of classes ``C`` of a classifier: the width of its logits on one probe example (at least
+    the labels' count); one forward pass in eval mode, every module's mode restored."""
+    device, dtype = model_device_dtype(model)
+    xb = x[:1].to(device=device, dtype=dtype) if x.is_floating_point() else x[:1].to(device)
+    with _eval_mode(model), torch.no_grad():
+        width = int(model(xb).shape[-1])
+    return max(width, int(y.max()) + 1, 2)

@@ -86,6 +86,41 @@ _NETWORK_CHARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
 )
 
+# The charts of an InfluenceMonitor on the same Trainer: (score, title, tag suffixes).
+_INFLUENCE_CHARTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (
+        "el2n",
+        "mean EL2N of the probe: line, shaded up to a uniform prediction's",
+        ("el2n_mean", "el2n_mean", "el2n_chance"),
+    ),
+    ("tracin", "mean TracIn self-influence of the probe, accumulated over training", ("tracin_mean",)),
+)
+_SPEARMAN_CHARTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("el2n", "Spearman correlation of pair importance with EL2N (0: unrelated)", ("spearman_el2n",)),
+    ("tracin", "Spearman correlation of pair importance with TracIn (0: unrelated)", ("spearman_tracin",)),
+)
+
+
+def _reads_the_input(layer: Any, x: Tensor) -> bool:
+    """Whether a layer (a :class:`~lightning_swim._modelio.LayerReading` read on the first rows of ``x``) is
+    applied to the probe's examples themselves, so that its pairs' differences are its weights' directions."""
+    if layer is None or layer.input is None:
+        return False
+    inp = layer.input.detach().reshape(len(layer.input), -1)
+    rows = x[: len(inp)].detach().reshape(len(inp), -1).to(device=inp.device, dtype=inp.dtype)
+    return inp.shape == rows.shape and torch.equal(inp, rows)
+
+
+def _influence_scores(trainer: pl.Trainer) -> tuple[str, ...]:
+    """The scores an InfluenceMonitor attached to ``trainer`` logs (none without one)."""
+    from lightning_swim.callbacks.influence import InfluenceMonitor
+
+    callbacks = getattr(trainer, "callbacks", [])
+    monitor = next((cb for cb in callbacks if isinstance(cb, InfluenceMonitor)), None)
+    if monitor is None:
+        return ()
+    return tuple(k for k, on in (("el2n", monitor.compute_el2n), ("tracin", monitor.compute_tracin)) if on)
+
 
 def _chart(prefix: str, title: str, suffixes: tuple[str, ...]) -> tuple[str, list[Any]]:
     """One chart in ``SummaryWriter.add_custom_scalars``'s format: a margin chart of the tags (value, lower,
@@ -909,7 +944,7 @@ class PairImportanceMonitor(Callback):
         if writer is None:
             return
         if not self._layout_written:
-            writer.add_custom_scalars(self._layout(list(record.maps)))
+            writer.add_custom_scalars(self._layout(list(record.maps), _influence_scores(trainer)))
             self._layout_written = True
         for name, imp in record.importance.items():
             writer.add_histogram(f"swim/{name}/importance", imp.float(), global_step=record.step)
@@ -927,9 +962,14 @@ class PairImportanceMonitor(Callback):
         figures_at = {True: ("start", "step", "epoch", "end"), "end": ("end",), "ends": ("start", "end")}
         return when in figures_at.get(self.log_images, ())
 
-    def _layout(self, layers: list[str]) -> dict[str, Any]:
+    def _layout(self, layers: list[str], influence: tuple[str, ...] = ()) -> dict[str, Any]:
         """The custom-scalar layout: a category for the whole network, then one per layer, with a chart per
         quantity and its references (see ``_QUANTITIES``); only charts of what this monitor logs.
+
+        ``influence`` names the scores (``"el2n"``, ``"tracin"``) an
+        :class:`~lightning_swim.callbacks.InfluenceMonitor` on the same Trainer logs: their charts join the
+        layout (a run shows one layout, so this monitor writes theirs too), each layer's Spearman
+        correlations beside its own charts.
 
         TensorBoard (2.21) draws a category's margin charts last first: they are listed in reverse.
         """
@@ -943,8 +983,12 @@ class PairImportanceMonitor(Callback):
         network = [_chart("swim/network", t, s) for t, s in _NETWORK_CHARTS] if self.config.fidelity else []
         network.append(_chart("swim", "seconds per map", ("map_seconds",)))
         layout = {"SWIM: whole network": dict(reversed(network))}
+        if influence:
+            baselines = [_chart("swim/influence", t, s) for key, t, s in _INFLUENCE_CHARTS if key in influence]
+            layout["SWIM: influence baselines of the probe"] = dict(reversed(baselines))
         for name in layers:
             charts = [_chart(f"swim/{name}", t, s) for t, s in _QUANTITIES if not skip.intersection(s)]
+            charts += [_chart(f"swim/{name}", t, s) for key, t, s in _SPEARMAN_CHARTS if key in influence]
             layout[f"SWIM: layer {name}"] = dict(reversed(charts))
         return layout
 
@@ -1008,6 +1052,7 @@ class PairImportanceMonitor(Callback):
                     y=y,
                     index=index,
                     title=f"{name}: the pairs of its weightiest neurons, step {step}",
+                    input_layer=_reads_the_input(conv, x),
                 )
             figs["importance_over_time"] = plotting.importance_heatmap(
                 self._importances[name], self._steps, title=f"{name}: pair importance over training", index=index, y=y
