@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_swim._datasets import digits
 from lightning_swim._modelio import read_model
 from lightning_swim.activations import ACTIVATIONS, Activation
+from lightning_swim.datasets import digits
 from lightning_swim.network import map_reading, output_fidelity, rebuild
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from lightning_swim import convert_network, fidelity
-from lightning_swim._datasets import digits, mnist1d
 from lightning_swim._modelio import read_model
 from lightning_swim.analysis import chance_fidelity
+from lightning_swim.datasets import digits, mnist1d
 from lightning_swim.network import map_reading, random_maps
 
 

@@ -17,10 +17,10 @@ import argparse
 import time
 
 import torch
-from torch import nn
+from bench_conv_fidelity import digits_cnn, train
 
-from lightning_swim._datasets import digits
 from lightning_swim.analysis import AnalysisConfig, analyse_network, forward_passes
+from lightning_swim.datasets import digits
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -33,29 +33,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.threads:
         torch.set_num_threads(args.threads)
     xtr, ytr, _, _ = digits()
-    xtr = xtr.view(-1, 1, 8, 8)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = nn.Sequential(
-            nn.Conv2d(1, 16, 3),
-            nn.ReLU(),
-            nn.Conv2d(16, 32, 3),
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(512, 64),
-            nn.ReLU(),
-            nn.Linear(64, 10),
-        )
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(0)
+        model = digits_cnn()  # flat digits, unflattened to 1x8x8 images by its first module
     t0 = time.perf_counter()
-    for _ in range(args.epochs):
-        perm = torch.randperm(len(xtr), generator=g)
-        for s in range(0, len(xtr), 32):
-            idx = perm[s : s + 32]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
-            opt.step()
+    train(model, xtr, ytr, epochs=args.epochs, lr=1e-3, batch=32, seed=0)
     epoch_s = (time.perf_counter() - t0) / args.epochs
     passes = [0]
     model.register_forward_hook(lambda *_: passes.__setitem__(0, passes[0] + 1))

@@ -37,8 +37,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from lightning_swim._datasets import digits
 from lightning_swim.analysis import AnalysisConfig, analyse_network, map_shard, merge_shards, warm_up
+from lightning_swim.datasets import digits
 
 
 def model_and_probe(width: int, layers: int, probe: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
