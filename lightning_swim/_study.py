@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_swim._datasets import digits
 from lightning_swim.attribution import (
     anchor_ablation_scores,
     leave_one_out_scores,
     pair_importance_scores,
 )
+from lightning_swim.datasets import digits
 from lightning_swim.evaluate import (
     Evaluation,
     TrainConfig,
