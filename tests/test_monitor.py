@@ -304,6 +304,38 @@ class TestNeverDisturbsTraining:
             assert torch.equal(v, watched[k]), k
         assert torch.equal(rng_plain, rng_watched)
 
+    def test_the_figure_thread_never_touches_the_random_streams(self, tmp_path, data, monkeypatch):
+        """Figures are drawn beside training: a forward pass there would fork and restore (rewind) the global
+        RNGs, or draw from them (a stochastic forward), while training draws from them."""
+        import random
+        import threading
+
+        from torch.nn.modules.module import register_module_forward_pre_hook
+
+        seen: list[str] = []
+
+        def spy(real):
+            def call(*args, **kwargs):
+                seen.append(f"{real.__name__} on {threading.current_thread().name}")
+                return real(*args, **kwargs)
+
+            return call
+
+        monkeypatch.setattr(torch, "set_rng_state", spy(torch.set_rng_state))
+        monkeypatch.setattr(random, "setstate", spy(random.setstate))
+        hook = register_module_forward_pre_hook(
+            lambda module, args: seen.append(f"forward on {threading.current_thread().name}")
+        )
+        x, y = data
+        monitor = PairImportanceMonitor(every_n_train_steps=4, probe_size=48, top_k=4, fidelity=False)
+        try:
+            fit(tmp_path, MLPModule([64, 12, 10], x, y), monitor, max_steps=12, max_epochs=10)
+        finally:
+            hook.remove()
+        assert len(_image_steps(tmp_path / "tb" / "version_0", "swim/net.0/top_pairs"))  # figures were drawn
+        assert any("main" in e.lower() for e in seen)  # the spies work: maps fork the RNGs on the training thread
+        assert not [e for e in seen if "swim-figures" in e]
+
     def test_a_failing_map_warns_once_and_training_goes_on(self, tmp_path, data, monkeypatch):
         import lightning_swim.callbacks.pair_importance as mod
 

@@ -33,7 +33,7 @@ from typing_extensions import override
 
 from lightning_swim._checks import check_choice, check_positive_int, split_probe
 from lightning_swim._data import draw_probe, read_batch
-from lightning_swim._modelio import ActivationSpec, read_model
+from lightning_swim._modelio import ActivationSpec, LayerReading, read_model
 from lightning_swim._schedule import SPACINGS, choose_stride, kept, plan_steps, unknown_horizon_steps
 from lightning_swim.analysis import (
     AnalysisConfig,
@@ -902,7 +902,11 @@ class PairImportanceMonitor(Callback):
         view._importances = {k: list(v) for k, v in self._importances.items()}
         view._steps = list(self._steps)
         view._target = lambda _module: frozen  # type: ignore[method-assign,assignment]
-        self._figures.submit(lambda: view._log_figures(trainer, pl_module, record))
+        # The copy is read here, on the training thread: a forward pass forks and restores the global
+        # RNGs (and a stochastic forward draws from them), which on another thread would rewind or
+        # advance the training's random stream while it runs. The figure thread only draws.
+        layers = self._figure_layers(frozen)
+        self._figures.submit(lambda: view._log_figures(trainer, pl_module, record, layers))
 
     def _finish_figures(self) -> None:
         """Wait for the figures still being drawn (at fit end, or on an exception); report a failure once."""
@@ -993,7 +997,18 @@ class PairImportanceMonitor(Callback):
             layout[f"SWIM: layer {name}"] = dict(reversed(charts))
         return layout
 
-    def _log_figures(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: MapRecord) -> None:
+    def _figure_layers(self, model: torch.nn.Module) -> list[LayerReading]:
+        """The layers of ``model`` the figures read (weights, captured inputs of two probe rows)."""
+        assert self._x is not None
+        return read_model(model, self._x[:2], activations=self.config.activations).layers
+
+    def _log_figures(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        record: MapRecord,
+        layers: list[LayerReading] | None = None,
+    ) -> None:
         """The figures of ``record``, the last map made (its importance is the last in the history).
 
         Per layer: the most important points and the pairs of the weightiest neurons (drawn as images,
@@ -1009,7 +1024,8 @@ class PairImportanceMonitor(Callback):
         assert self._x is not None
         x, y, index = self._x, self._y, self._index
         shape = self.image_shape or plotting.guess_image_shape(tuple(x.shape[1:]), x)
-        layers = read_model(self._target(pl_module), x[:2], activations=self.config.activations).layers
+        if layers is None:
+            layers = self._figure_layers(self._target(pl_module))
         k = self.config.topk_points
         step = record.step
         for name, pm in record.maps.items():
