@@ -72,6 +72,17 @@ def check_targets(y: Any, n: int, name: str = "y") -> Tensor:
     return y
 
 
+def check_frequency(every_n_train_steps: Any, every_n_epochs: Any) -> None:
+    """A callback's frequency: at most one of the two, each a positive int or None."""
+    if every_n_train_steps is not None and every_n_epochs is not None:
+        raise ValueError(
+            f"`every_n_train_steps` and `every_n_epochs` are mutually exclusive; got {every_n_train_steps} and "
+            f"{every_n_epochs}."
+        )
+    check_positive_int(every_n_train_steps, "every_n_train_steps", allow_none=True)
+    check_positive_int(every_n_epochs, "every_n_epochs", allow_none=True)
+
+
 def check_positive_int(value: Any, name: str, *, allow_none: bool = False, minimum: int = 1) -> None:
     if value is None and allow_none:
         return

@@ -1058,6 +1058,20 @@ class ModelReading:
                     beta.copy_(new)
 
 
+def submodule(model: nn.Module, name: str | None) -> nn.Module:
+    """The submodule ``name`` of ``model`` (``model`` itself for ``None``): what a callback's ``module=`` names."""
+    if name is None:
+        return model
+    try:
+        return model.get_submodule(name)
+    except AttributeError as err:
+        children = [n for n, _ in model.named_children()]
+        raise ValueError(
+            f"Expected argument `module` to name a submodule of {type(model).__name__} but got {name!r}; "
+            f"its submodules are {children}."
+        ) from err
+
+
 def _names_by_id(model: nn.Module) -> dict[int, str]:
     names = {id(t): n for n, t in model.named_buffers()}
     names.update({id(t): n for n, t in model.named_parameters()})

@@ -55,3 +55,14 @@ def _fresh_keops_memo(monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning_swim import _search
 
     monkeypatch.setattr(_search, "_keops_failure", {})
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): small models gain
+    nothing from more, and lose much when other processes share the cores (tiny products wait at every OpenMP
+    barrier)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

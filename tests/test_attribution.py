@@ -24,14 +24,7 @@ from lightning_swim.evaluate import TrainConfig, mlp_factory, train_models
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: these small models gain nothing from more, and lose much when other processes share the
-    cores (the batched ensemble's tiny products wait at every OpenMP barrier)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

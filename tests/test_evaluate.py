@@ -24,15 +24,7 @@ from lightning_swim.evaluate import (
     train_models,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: these small models gain nothing from more, and lose much when other processes share the
-    cores (the batched ensemble's tiny products wait at every OpenMP barrier)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(n_per_class: int, seed: int, *, spread: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_pairmap import random_layer
 
 from lightning_swim import ACTIVATIONS, map_layer, pair_importance, swim_neurons, turnover
 from lightning_swim.activations import get_activation
@@ -41,13 +42,7 @@ def brute_force(weight, bias, x, name):
 
 
 def layer(n, d, m, seed, duplicates=0, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g, dtype=dtype)
-    if duplicates:
-        x = torch.cat([x, x[:duplicates]])
-    w = torch.randn(m, d, generator=g, dtype=dtype)
-    b = -(w * x[torch.randint(0, n, (m,), generator=g)]).sum(1) + 0.3 * torch.randn(m, generator=g, dtype=dtype)
-    return w, b, x
+    return random_layer(n, d, m, seed, dtype=dtype, duplicates=duplicates, offset=0.3)
 
 
 def quiet_map(*args, **kwargs):

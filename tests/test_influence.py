@@ -27,15 +27,7 @@ from lightning_swim.influence import (
     tracin_self_influence,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: these small models gain nothing from more, and lose much when other processes share the
-    cores (the batched ensemble's tiny products wait at every OpenMP barrier)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def net(seed: int, widths=(4, 6, 3), dtype=torch.float64) -> nn.Module:

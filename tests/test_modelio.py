@@ -234,6 +234,10 @@ class TestReading:
             SWIMInit().apply(NoForward(), _x(), _x()[:, :1])
         pairs = SWIMInit(module="net").apply(NoForward(), _x(), _x()[:, :1])
         assert list(pairs) == ["0"]
+        with pytest.raises(ValueError, match=r"module.*'nett'.*submodules are \['net'\]"):
+            SWIMInit(module="nett").apply(NoForward(), _x(), _x()[:, :1])
+        with pytest.raises(MisconfigurationException, match=r"PairImportanceMonitor: .*'nett'.*\['net'\]"):
+            PairImportanceMonitor(module="nett")._target(NoForward())
 
 
 class _Counting:

@@ -53,13 +53,15 @@ def check_flags(pm, w, b, x, name):
     return ~dead
 
 
-def random_layer(n, d, m, seed, dtype=F64, duplicates=0):
+def random_layer(n, d, m, seed, dtype=F64, duplicates=0, offset=0.1):
+    """``n`` Gaussian points (plus ``duplicates`` repeated ones) in ``d`` dimensions and ``m`` neurons whose
+    hyperplanes pass near a random point (``offset`` times a standard normal away)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=dtype)
     if duplicates:
         x = torch.cat([x, x[:duplicates]])
     w = torch.randn(m, d, generator=g, dtype=dtype)
-    b = -(w * x[torch.randint(0, n, (m,), generator=g)]).sum(1) + 0.1 * torch.randn(m, generator=g, dtype=dtype)
+    b = -(w * x[torch.randint(0, n, (m,), generator=g)]).sum(1) + offset * torch.randn(m, generator=g, dtype=dtype)
     return w, b, x
 
 

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_swim._checks import check_positive_int, check_probe
+from lightning_swim._checks import check_frequency, check_positive_int, check_probe
 from lightning_swim._data import draw_probe
 from lightning_swim._modelio import model_device_dtype
 from lightning_swim.evaluate import spearman
@@ -83,13 +83,7 @@ class InfluenceMonitor(Callback):
         tracin: bool = True,
         loss_fn: LossFn | None = None,
     ) -> None:
-        if every_n_train_steps is not None and every_n_epochs is not None:
-            raise ValueError(
-                f"`every_n_train_steps` and `every_n_epochs` are mutually exclusive; got {every_n_train_steps} and "
-                f"{every_n_epochs}."
-            )
-        check_positive_int(every_n_epochs, "every_n_epochs", allow_none=True)
-        check_positive_int(every_n_train_steps, "every_n_train_steps", allow_none=True)
+        check_frequency(every_n_train_steps, every_n_epochs)
         check_positive_int(probe_size, "probe_size", minimum=2)
         if not (el2n or tracin):
             raise ValueError("Expected at least one of `el2n` and `tracin` to be True.")

@@ -31,9 +31,9 @@ from PIL import Image
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_swim._checks import check_choice, check_positive_int, split_probe
+from lightning_swim._checks import check_choice, check_frequency, check_positive_int, split_probe
 from lightning_swim._data import draw_probe, read_batch
-from lightning_swim._modelio import ActivationSpec, LayerReading, read_model
+from lightning_swim._modelio import ActivationSpec, LayerReading, read_model, submodule
 from lightning_swim._schedule import SPACINGS, choose_stride, kept, plan_steps, unknown_horizon_steps
 from lightning_swim.analysis import (
     AnalysisConfig,
@@ -329,13 +329,7 @@ class PairImportanceMonitor(Callback):
         if module is not None and not isinstance(module, str):  # (issue 11.15) the submodule to map
             raise ValueError(f"Expected argument `module` to be a submodule's name but got {module!r}.")
         self.module = module
-        if every_n_train_steps is not None and every_n_epochs is not None:
-            raise ValueError(
-                f"`every_n_train_steps` and `every_n_epochs` are mutually exclusive; got {every_n_train_steps} and "
-                f"{every_n_epochs}."
-            )
-        check_positive_int(every_n_train_steps, "every_n_train_steps", allow_none=True)
-        check_positive_int(every_n_epochs, "every_n_epochs", allow_none=True)
+        check_frequency(every_n_train_steps, every_n_epochs)
         check_positive_int(n_maps, "n_maps", minimum=2)
         check_choice(spacing, "spacing", SPACINGS)
         if batch_to_input is not None and not callable(batch_to_input):
@@ -684,16 +678,10 @@ class PairImportanceMonitor(Callback):
     # -- the model to map (issues 11.15, 13.4) ------------------------------------------------------
 
     def _target(self, pl_module: pl.LightningModule) -> torch.nn.Module:
-        if self.module is None:
-            return pl_module
         try:
-            return pl_module.get_submodule(self.module)
-        except AttributeError as err:
-            children = [n for n, _ in pl_module.named_children()]
-            raise MisconfigurationException(
-                f"PairImportanceMonitor: `module={self.module!r}` names no submodule of {type(pl_module).__name__}; "
-                f"its submodules are {children}."
-            ) from err
+            return submodule(pl_module, self.module)
+        except ValueError as err:
+            raise MisconfigurationException(f"PairImportanceMonitor: {err}") from err
 
     def _check_model(self, pl_module: pl.LightningModule) -> None:
         """Read the model on a few probe rows: raise, with the fix, if no map can run; name skipped layers once."""

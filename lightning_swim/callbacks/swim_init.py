@@ -21,6 +21,7 @@ from lightning_swim._modelio import (
     Replacement,
     compute_dtype,
     read_model,
+    submodule,
     submodules_with_layers,
 )
 from lightning_swim._solve import ridge_lstsq
@@ -237,16 +238,7 @@ class SWIMInit(Callback):
         return pairs
 
     def _target(self, model: nn.Module) -> nn.Module:
-        if self.module is None:
-            return model
-        try:
-            return model.get_submodule(self.module)
-        except AttributeError as err:
-            children = [n for n, _ in model.named_children()]
-            raise ValueError(
-                f"Expected argument `module` to name a submodule of {type(model).__name__} but got {self.module!r}; "
-                f"its submodules are {children}."
-            ) from err
+        return submodule(model, self.module)
 
     def _sampler(
         self,
