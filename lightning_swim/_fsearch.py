@@ -23,11 +23,21 @@ an ``[N, N]`` array per anchor, and one GEMM with ``a`` gives every inner produc
 multiply-adds for the layer, in blocks of anchors bounded by ``max_memory``. Every pair whose error
 lies within the tolerance or the soft window of the best error found so far is kept (and pruned as
 the best improves), so the argmin, the ambiguity counts and the soft attribution are exact.
+
+Where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), the torch search *screens* each
+block: the cosines of the unit-normalised ``h`` and ``a`` come from one bfloat16 GEMM (about 5x the
+float32 rate on the AVX512-BF16 EPYC this was measured on), whose error is at most
+:func:`screen_slack` (bfloat16 rounding of both factors and of the result, float32 accumulation),
+and only the (pair, neuron) entries whose screened cosine is within that slack of the window are
+computed again in the working dtype, by a sampled product (SDDMM). Every pair in the window passes
+the screen, so the result is the same as without it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,10 +49,11 @@ from lightning_swim._keops import KeOpsUnavailableError, pykeops_torch
 from lightning_swim._search import KEOPS_DIM_MULTIPLE, _d2_rows, _pad_cols, duplicate_groups, keops_neuron_chunk
 from lightning_swim.activations import Activation
 
-__all__ = ["Candidates", "SoftResult", "exact_candidates", "fit_error", "sign_free", "summarise"]
+__all__ = ["Candidates", "SoftResult", "exact_candidates", "fit_error", "screen_slack", "sign_free", "summarise"]
 
 SOFT_CUT = 5.0  # soft weights below exp(-SOFT_CUT) of the best's are left out
 MAX_KEPT = 4096  # candidate pairs kept per neuron during the exact search (see exact_candidates)
+SCREEN: bool | None = None  # the bfloat16 screen of the torch search: None = where the CPU has bf16 units
 
 
 def sign_free(act: Activation) -> bool:
@@ -70,6 +81,35 @@ def fit_error(ha: Tensor, hh: Tensor, aa: Tensor, free_sign: bool) -> tuple[Tens
     return err, c
 
 
+@functools.cache
+def _native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX): elsewhere a bf16 GEMM is
+    emulated, slower than float32, and the screen would not pay."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def screens(x: Tensor) -> bool:
+    """Whether the torch exact search on ``x`` screens its blocks with a bfloat16 GEMM (``SCREEN``
+    forces it either way; by default on a CPU with native bf16, for float32 and float64)."""
+    if SCREEN is not None:
+        return SCREEN
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and _native_bf16()
+
+
+def screen_slack(n: int) -> float:
+    r"""Bound on :math:`|\hat c - c|` for the cosine of two unit vectors of length ``n`` computed by a
+    bfloat16 GEMM: both factors rounded to bfloat16 (unit roundoff :math:`u = 2^{-8}`), exact products
+    accumulated in float32 in any order (:math:`\gamma_n = n v / (1 - n v)`, :math:`v = 2^{-24}`), the
+    result rounded to bfloat16. With :math:`S = \sum_n |h_n a_n| \le 1` (Cauchy-Schwarz),
+    :math:`|\hat c - c| \le (2u + u^2) S + \gamma_n (1+u)^2 S + u |\hat c_{\text{acc}}|`, below
+    ``3u + 3u^2 + u^3 + (1+u)^3 gamma_n``; 1% and a few float32 roundings of the normalisation are
+    added, and ``2^-100`` for inputs bfloat16 flushes to zero."""
+    u, v = 2.0**-8, 2.0**-24
+    gamma = n * v / (1 - n * v)
+    return 1.01 * (3 * u + 3 * u * u + u**3 + (1 + u) ** 3 * gamma + 8 * v) + 2.0**-100
+
+
 @dataclass
 class Candidates:
     """Pairs with their errors, flat: entry ``p`` is neuron ``m[p]``'s pair ``(i[p], j[p])``."""
@@ -90,6 +130,8 @@ class _Layer:
         self.groups = duplicate_groups(x)
         self.inv_aa = (a * a).sum(0).reciprocal()
         self.free_sign = sign_free(act)
+        self.unit_a = a * self.inv_aa.sqrt()
+        self.unit_a_bf16 = self.unit_a.to(torch.bfloat16)
 
     def gram_rows(self, rows: Tensor) -> Tensor:
         return self.gram[rows] if self.gram is not None else self.x[rows] @ self.x.T
@@ -115,17 +157,33 @@ class _Layer:
         q.square_().mul_(inv_hh[:, :, None]).mul_(self.inv_aa)
         return q.masked_fill_(bad[:, :, None], float("-inf"))
 
+    def unit_neurons(self, rows: Tensor, work: Tensor) -> tuple[Tensor, Tensor]:
+        """The SWIM neurons of the pairs ``(rows[b], j)`` on every probe point as unit vectors,
+        ``[B N, N]`` (in ``work``), and which pairs are excluded, ``[B N]``."""
+        B, N = len(rows), self.x.shape[0]
+        r, c, bad = self.pair_terms(rows)
+        h = _activations(self, rows, r, c, work)
+        inv = torch.linalg.vector_norm(h, dim=2).reciprocal_()  # |h| > 0: h(x_j) = sigma(s1 - s2)
+        return h.mul_(inv[:, :, None]).view(B * N, N), bad.view(-1)
+
+
+def _activations(layer: _Layer, rows: Tensor, r: Tensor, c: Tensor, work: Tensor) -> Tensor:
+    """``h_ij(x_n)`` of the pairs ``(rows[b], j)``, ``[B, N(j), N(n)]``, built in ``work``."""
+    gram, act = layer.gram, layer.act
+    assert gram is not None
+    B, N = len(rows), gram.shape[0]
+    z = torch.sub(gram[None, :, :], gram[rows][:, None, :], out=work[: B * N * N].view(B, N, N))  # G_jn - G_in
+    torch.addcmul(c[:, :, None], z, r[:, :, None], out=z)  # z_ij(x_n)
+    return z.clamp_min_(0) if act.name == "relu" else act(z)
+
 
 def _inner_torch(layer: _Layer, rows: Tensor, r: Tensor, c: Tensor, work: Tensor) -> tuple[Tensor, Tensor]:
     """``(<h, a> [B, N, M], 1/|h|^2 [B, N])`` from the ``[B, N, N]`` pre-activations, built in ``work``
     (a buffer of at least ``B N^2`` entries reused across blocks: a fresh allocation of that size per
     block costs more than the arithmetic in it)."""
-    gram, act, a = layer.gram, layer.act, layer.a
-    assert gram is not None
+    a = layer.a
     B, N, M = len(rows), *a.shape
-    z = torch.sub(gram[None, :, :], gram[rows][:, None, :], out=work[: B * N * N].view(B, N, N))  # G_jn - G_in
-    torch.addcmul(c[:, :, None], z, r[:, :, None], out=z)  # z_ij(x_n), [B, N(j), N(n)]
-    h = z.clamp_min_(0) if act.name == "relu" else act(z)
+    h = _activations(layer, rows, r, c, work)
     inv_hh = torch.linalg.vector_norm(h, dim=2).square_().reciprocal_()  # |h| > 0: h(x_j) = sigma(s1 - s2)
     return (h.view(B * N, N) @ a).view(B, N, M), inv_hh
 
@@ -191,18 +249,26 @@ def exact_candidates(
     max_memory: int,
     backend: str = "torch",
     max_kept: int = MAX_KEPT,
+    near: Callable[[Tensor], Tensor] | None = None,
+    n_cheapest: int = 0,
 ) -> tuple[Candidates, Tensor]:
     """Every pair whose error is within ``threshold(best)`` of each neuron's best, over all pairs, up
-    to ``max_kept`` per neuron.
+    to ``max_kept`` per neuron; or, with ``near``, only the pairs a summary reads: those within
+    ``near(best)`` and the ``n_cheapest`` cheapest.
 
     Anchors are visited in blocks; a pair is kept while its error is within ``threshold`` of the
     best error found so far (initially ``bound``), and the kept pairs are pruned to the final
-    threshold at the end, so the result is exact whatever the bound. A neuron that no pair explains
-    well can have most of its ``N^2`` pairs inside that window: once it holds more than
-    ``max_kept``, only its ``max_kept // 2`` cheapest are kept and its *ceiling* drops to the largest
-    of them; later pairs are kept only below the ceiling. Every pair at most
-    ``min(threshold(best), ceiling)`` is then in the result, so the best pair and the cheapest
-    ``max_kept // 2`` are exact, and a count within a threshold above the ceiling is a lower bound.
+    threshold at the end, so the result is exact whatever the bound. Every neuron has a *ceiling*
+    (inf at first), and only pairs at most ``min(threshold(best), ceiling)`` are kept:
+
+    - with ``near``, a block in which many pairs of a neuron pass (more than ``4 n_cheapest``, and a
+      sixteenth of the block) lowers the neuron's ceiling to ``max(near(best), e_k)``, ``e_k`` an
+      error that ``n_cheapest`` pairs of the block are known to beat: every pair within
+      ``near(best)`` of the final best, and the ``n_cheapest`` cheapest, stay in. (A neuron no pair explains well can have a third of its
+      ``N^2`` pairs in a wide soft window; the summary reads only these.)
+    - a neuron that holds more than ``max_kept`` pairs keeps its ``max_kept // 2`` cheapest and its
+      ceiling drops to the largest of them. The best pair and the cheapest ``max_kept // 2`` are still
+      exact, and a count within a threshold above the ceiling is a lower bound.
 
     Args:
         x: the probe inputs ``[N, d]`` (a well-conditioned frame: centred and scaled).
@@ -213,12 +279,15 @@ def exact_candidates(
         bound: an upper bound on each neuron's best error ``[M]`` (e.g. the error of some pair; inf
             if none is known): the tighter, the fewer pairs are kept along the way.
         max_memory: bound in bytes on the blocks of anchors.
-        backend: ``"torch"`` (GEMMs on ``[N, N]`` blocks) or ``"keops"`` (reductions that form no
-            ``[N, N]`` array); the same results.
+        backend: ``"torch"`` (GEMMs on ``[N, N]`` blocks, screened in bfloat16 where :func:`screens`)
+            or ``"keops"`` (reductions that form no ``[N, N]`` array); the same results.
+        near: maps best errors to the tolerance of the ambiguity counts (non-decreasing, at most
+            ``threshold``); None keeps the whole window.
+        n_cheapest: with ``near``, the cheapest pairs per neuron that must stay (the soft set).
 
     Returns:
         ``(candidates, ceiling [M])``: the :class:`Candidates`, unsorted, each neuron's best pair
-        among them; the ceilings (inf where no neuron overflowed).
+        among them; the ceilings (inf where no neuron was trimmed).
     """
     N, M = a.shape
     if backend == "torch" and 2 * N * N * x.element_size() > max_memory:
@@ -230,30 +299,128 @@ def exact_candidates(
             "refine='function'."
         )
     layer = _Layer(x, act, a, backend)
-    best = bound.to(x.dtype).clone()
+    search = _Search(layer, threshold, bound, near, n_cheapest)
     if backend == "keops":  # no [N, N] arrays: blocks of anchors as large as the [B, N, M] outputs allow
         block = max(1, min(N, max_memory // (x.element_size() * 4 * N * (M + 1))))
         work = torch.empty(0, dtype=x.dtype, device=x.device)
     else:
         block = _block_size(N, M, x.element_size(), max_memory)
         work = torch.empty(block * N * N, dtype=x.dtype, device=x.device)
-    ceiling = torch.full_like(best, float("inf"))
+    screened = backend == "torch" and screens(x)
     parts: list[Candidates] = []
     counts = torch.zeros(M, dtype=torch.long, device=x.device)
     for s in range(0, N, block):
         rows = torch.arange(s, min(N, s + block), device=x.device)
-        q = layer.scores(rows, work)
-        best = torch.minimum(best, 1 - q.amax(dim=(0, 1)))
-        keep = q >= 1 - torch.minimum(threshold(best), ceiling)
-        b, j, m = keep.nonzero(as_tuple=True)
-        if len(m):
-            parts.append(Candidates(m, rows[b], j, 1 - q[b, j, m]))
+        b, j, m, q = search.screened_block(rows, work) if screened else search.dense_block(rows, work)
+        keep = q >= 1 - search.limit()[m]
+        if bool(keep.any()):
+            b, j, m, q = b[keep], j[keep], m[keep], q[keep]
+            parts.append(Candidates(m, rows[b], j, 1 - q))
             counts += torch.bincount(m, minlength=M)
         if bool((counts > max_kept).any()):
-            cand = _within(_cat(parts), torch.minimum(threshold(best), ceiling))
-            cand, ceiling = _cap(cand, M, max_kept // 2, ceiling)
+            cand = _within(_cat(parts), search.limit())
+            cand, search.ceiling = _cap(cand, M, max_kept // 2, search.ceiling)
             parts, counts = [cand], torch.bincount(cand.m, minlength=M)
-    return _within(_cat(parts), torch.minimum(threshold(best), ceiling)), ceiling
+    return _within(_cat(parts), search.limit()), search.ceiling
+
+
+class _Search:
+    """The running state of :func:`exact_candidates`: each neuron's best error and ceiling, and the
+    entries of one block of anchors that can be in the window."""
+
+    def __init__(
+        self,
+        layer: _Layer,
+        threshold: Callable[[Tensor], Tensor],
+        bound: Tensor,
+        near: Callable[[Tensor], Tensor] | None,
+        n_cheapest: int,
+    ) -> None:
+        x = layer.x
+        self.layer, self.threshold, self.near, self.k = layer, threshold, near, n_cheapest
+        self.best = bound.to(x.dtype).clone()
+        self.ceiling = torch.full_like(self.best, float("inf"))
+
+    def limit(self) -> Tensor:
+        """The largest error kept now, per neuron."""
+        return torch.minimum(self.threshold(self.best), self.ceiling)
+
+    def _trim(self, counts: Tensor, pairs: int, kth: Callable[[], Tensor]) -> bool:
+        """Lower the ceilings of neurons with more than ``4 k`` entries, and a sixteenth of the block's
+        ``pairs``, to ``max(near(best), e_k)``; ``kth()`` gives ``e_k``, an error that ``k`` entries of
+        the block are known to beat, per neuron (a top-k over the block: worth it only where it saves
+        extracting many entries). Whether any ceiling moved."""
+        if self.near is None or self.k < 1:
+            return False
+        heavy = (counts > max(4 * self.k, pairs // 16)) & torch.isfinite(self.best)  # near(inf) may be nan
+        if not bool(heavy.any()):
+            return False
+        soft = torch.maximum(kth(), self.near(self.best))
+        self.ceiling = torch.where(heavy, torch.minimum(self.ceiling, soft), self.ceiling)
+        return True
+
+    def dense_block(self, rows: Tensor, work: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(b, j, m, q)`` of every entry of the block within the current limit, from all its scores."""
+        q = self.layer.scores(rows, work)
+        M = q.shape[2]
+        self.best = torch.minimum(self.best, 1 - q.amax(dim=(0, 1)))
+        b, j, m = (q >= 1 - self.limit()).nonzero(as_tuple=True)
+        kth = lambda: 1 - q.view(-1, M).topk(self.k, dim=0).values[-1]  # noqa: E731
+        if self._trim(torch.bincount(m, minlength=M), q.shape[0] * q.shape[1], kth):
+            b, j, m = (q >= 1 - self.limit()).nonzero(as_tuple=True)
+        return b, j, m, q[b, j, m]
+
+    def screened_block(self, rows: Tensor, work: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(b, j, m, q)`` of a superset of the block's entries within the limit: those whose bfloat16
+        cosine passes the limit less :func:`screen_slack`, with ``q`` computed again exactly."""
+        layer = self.layer
+        N, M = layer.a.shape
+        hn, bad = layer.unit_neurons(rows, work)  # [B N, N] unit rows; bad: [B N]
+        chat = hn.to(torch.bfloat16) @ layer.unit_a_bf16  # [B N, M] cosines within eps
+        if layer.free_sign:
+            chat.abs_()
+        chat.index_fill_(0, bad.nonzero().ravel(), float("-inf"))
+        eps = screen_slack(N)
+
+        def passing() -> tuple[Tensor, Tensor]:
+            lim = self.limit()
+            cos = torch.where(lim < 1, (1 - lim).clamp_min(0).sqrt() - eps, -1e30)
+            p, m = (chat >= cos.to(torch.float32)).nonzero(as_tuple=True)
+            return p, m
+
+        def kth() -> Tensor:  # k entries have a true cosine >= the k-th screened one less eps
+            c = chat.topk(self.k, dim=0).values[-1].to(self.best.dtype) - eps
+            return 1 - c.clamp(0, 1).square()
+
+        p, m = passing()
+        if self._trim(torch.bincount(m, minlength=M), chat.shape[0], kth):
+            p, m = passing()
+        cos = _sampled(hn, layer.unit_a, p, m)
+        q = cos.abs() if layer.free_sign else cos.clamp_min(0)
+        q = q.square()
+        if len(q):
+            top = torch.full_like(self.best, float("-inf")).scatter_reduce_(0, m, q, reduce="amax")
+            self.best = torch.minimum(self.best, 1 - top)
+        return p // N, p % N, m, q
+
+
+def _sampled(h: Tensor, a: Tensor, p: Tensor, m: Tensor) -> Tensor:
+    """``<h[p_k], a[:, m_k]>`` for every ``k`` (``p`` ascending): one sampled product (SDDMM) instead of
+    the full ``h @ a``."""
+    if len(p) == 0:
+        return torch.zeros(0, dtype=h.dtype, device=h.device)
+    crow = torch.zeros(h.shape[0] + 1, dtype=torch.long, device=h.device)
+    crow[1:] = torch.cumsum(torch.bincount(p, minlength=h.shape[0]), 0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        pattern = torch.sparse_csr_tensor(
+            crow,
+            m,
+            torch.zeros(len(p), dtype=h.dtype, device=h.device),
+            (h.shape[0], a.shape[1]),
+            check_invariants=False,
+        )
+        return torch.sparse.sampled_addmm(pattern, h, a, beta=0.0).values()
 
 
 def _cap(cand: Candidates, n_neurons: int, keep: int, ceiling: Tensor) -> tuple[Candidates, Tensor]:

@@ -482,7 +482,8 @@ def _map_alive(
             0, cand.m, cand.err, reduce="amin"
         )
         max_kept = max(MAX_KEPT, 2 * int(opts["max_soft"]))
-        cand = _exact(x, act, a, threshold, bound, max_memory, str(opts["backend"]), max_kept)
+        keep = {"max_kept": max_kept, "near": threshold_fn(atol, rtol), "n_cheapest": int(opts["max_soft"])}
+        cand = _exact(x, act, a, threshold, bound, max_memory, str(opts["backend"]), keep)
     else:
         sweeps = int(opts["local_search"])
         if mode == "function" and sweeps:
@@ -517,7 +518,7 @@ def _exact(
     bound: Tensor,
     max_memory: int,
     backend: str,
-    max_kept: int,
+    keep: dict[str, Any],
 ) -> Candidates:
     """The exact search on the chosen backend. ``"auto"``: torch on the CPU (GEMMs on ``[N, N]`` blocks
     run faster there than KeOps' reductions), KeOps on CUDA, falling back to torch with one warning."""
@@ -525,17 +526,13 @@ def _exact(
         backend = "keops" if x.device.type == "cuda" else "torch"
         if backend == "keops":
             try:
-                return exact_candidates(
-                    x, act, a, threshold, bound, max_memory=max_memory, backend="keops", max_kept=max_kept
-                )[0]
+                return exact_candidates(x, act, a, threshold, bound, max_memory=max_memory, backend="keops", **keep)[0]
             except Exception as err:  # KeOps unavailable, failing to compile, or no formula for the activation
                 _search.warn_fallback(err, "exact function-space search")
                 backend = "torch"
     if backend == "keops":
         try:
-            return exact_candidates(
-                x, act, a, threshold, bound, max_memory=max_memory, backend="keops", max_kept=max_kept
-            )[0]
+            return exact_candidates(x, act, a, threshold, bound, max_memory=max_memory, backend="keops", **keep)[0]
         except KeOpsUnavailableError:
             raise
         except Exception as err:
@@ -543,7 +540,7 @@ def _exact(
                 f"KeOps failed on the exact search ({type(err).__name__}: {err}). Use backend='torch' or "
                 "backend='auto' to run without it."
             ) from err
-    return exact_candidates(x, act, a, threshold, bound, max_memory=max_memory, backend="torch", max_kept=max_kept)[0]
+    return exact_candidates(x, act, a, threshold, bound, max_memory=max_memory, backend="torch", **keep)[0]
 
 
 def _unique_pairs(cand: Candidates) -> Candidates:

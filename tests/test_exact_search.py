@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_pairmap import random_layer
 
@@ -52,7 +52,8 @@ def quiet_map(*args, **kwargs):
 
 
 class TestAgainstBruteForce:
-    @settings(max_examples=25, deadline=None)
+    # the one fixture sets the same switch for every example
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(
         n=st.integers(3, 22),
         d=st.integers(1, 5),
@@ -61,7 +62,11 @@ class TestAgainstBruteForce:
         seed=st.integers(0, 10_000),
         name=st.sampled_from(sorted(ACTIVATIONS)),
     )
-    def test_best_pair_counts_and_soft_weights(self, n, d, m, duplicates, seed, name):
+    @pytest.mark.parametrize("screen", [False, True], ids=["dense", "bf16-screen"])
+    def test_best_pair_counts_and_soft_weights(self, n, d, m, duplicates, seed, name, screen, monkeypatch):
+        from lightning_swim import _fsearch
+
+        monkeypatch.setattr(_fsearch, "SCREEN", screen)
         w, b, x = layer(n, d, m, seed, duplicates)
         atol, temperature = 0.02, 0.3
         pm = quiet_map(w, b, x, activation=name, refine="exact", atol=atol, temperature=temperature, max_soft=10**6)
@@ -173,6 +178,120 @@ class TestAgainstBruteForce:
             cheapest = torch.sort(err[m]).values[: min(20, len(mine))]
             torch.testing.assert_close(mine[: len(cheapest)], cheapest)  # the 20 cheapest, exactly
             assert int((full.m == m).sum()) >= int((capped.m == m).sum())
+
+
+def _frame_layer(n, d, m, seed, dtype=F64):
+    """A random layer in the search's frame: ``(x', relu, live activations)``."""
+    from lightning_swim.pairmap import _frame
+
+    w, b, x = layer(n, d, m, seed, dtype=dtype)
+    act = get_activation("relu")
+    xf, wf, bf, _ = _frame(x, w, b, True)
+    a = act(xf @ wf.T + bf)
+    return xf, act, a[:, (a != 0).any(0)]
+
+
+def _errors(c):
+    """``{(m, i, j): error}`` of a candidate set."""
+    return dict(zip(zip(c.m.tolist(), c.i.tolist(), c.j.tolist(), strict=True), c.err.tolist(), strict=True))
+
+
+class TestScreen:
+    """The bfloat16 screen of the torch search: its error bound, and that it changes nothing."""
+
+    @pytest.mark.parametrize("n", [2, 7, 64, 257, 1000, 4096])
+    def test_the_screened_cosines_are_within_the_slack(self, n):
+        from lightning_swim._fsearch import screen_slack
+
+        g = torch.Generator().manual_seed(n)
+        h = torch.cat(
+            [
+                torch.rand(300, n, generator=g),  # non-negative, like ReLU neurons: cosines near 1
+                torch.randn(300, n, generator=g),
+                torch.ones(1, n) + 1e-3 * torch.randn(1, n, generator=g),  # nearly parallel to a constant
+                torch.rand(300, n, generator=g) ** 8,  # heavy tails
+            ]
+        ).double()
+        a = torch.cat([h[:40].T, torch.rand(n, 40, generator=g).double(), torch.ones(n, 1, dtype=F64)], 1)
+        hn, an = h / h.norm(dim=1, keepdim=True), a / a.norm(dim=0)
+        exact = hn @ an
+        screened = (hn.float().bfloat16() @ an.float().bfloat16()).double()
+        err = float((screened - exact).abs().max())
+        assert err <= screen_slack(n)
+        assert err > 0.05 * screen_slack(n)  # the bound is not vacuous: bf16 really is that coarse
+
+    @pytest.mark.parametrize("dtype", [F64, torch.float32])
+    @pytest.mark.parametrize("wide", [False, True], ids=["window 0.05", "window 0.5"])
+    def test_the_screen_changes_nothing(self, dtype, wide, monkeypatch):
+        from lightning_swim import _fsearch
+
+        xf, act, a = _frame_layer(120, 6, 12, seed=31, dtype=dtype)
+        width = 0.5 if wide else 0.05
+        thr = lambda best: best + width  # noqa: E731
+        inf = torch.full((a.shape[1],), math.inf, dtype=dtype)
+        got = {}
+        for screen in (False, True):
+            monkeypatch.setattr(_fsearch, "SCREEN", screen)
+            got[screen] = _fsearch.exact_candidates(xf, act, a, thr, inf, max_memory=2**20)[0]
+        dense, screened = (_errors(got[k]) for k in (False, True))
+        if dtype == F64:
+            assert dense.keys() == screened.keys()
+        else:  # float32: a pair on the edge of the window may fall either side by rounding
+            best = torch.full((a.shape[1],), math.inf).scatter_reduce_(0, got[False].m, got[False].err, "amin")
+            edge = dense.keys() ^ screened.keys()
+            assert len(edge) < 1e-3 * len(dense)
+            for key in edge:
+                assert abs({**dense, **screened}[key] - float(thr(best)[key[0]])) < 1e-5
+        for key in dense.keys() & screened.keys():
+            assert abs(dense[key] - screened[key]) < (1e-12 if dtype == F64 else 1e-5)
+        assert len(got[True].m) > 3 * a.shape[1]
+
+    def test_the_default_screens_only_where_bf16_is_native(self, monkeypatch):
+        from lightning_swim import _fsearch
+
+        x = torch.zeros(3, 2)
+        monkeypatch.setattr(_fsearch, "SCREEN", None)
+        monkeypatch.setattr(_fsearch, "_native_bf16", lambda: False)
+        assert not _fsearch.screens(x)
+        monkeypatch.setattr(_fsearch, "_native_bf16", lambda: True)
+        assert _fsearch.screens(x) and _fsearch.screens(x.double()) and not _fsearch.screens(x.half())
+
+
+class TestTrim:
+    """Keeping only what the summary reads (pairs within ``near`` and the ``n_cheapest`` cheapest)."""
+
+    @pytest.mark.parametrize("screen", [False, True], ids=["dense", "bf16-screen"])
+    def test_the_summary_is_the_same_and_far_fewer_pairs_are_kept(self, screen, monkeypatch):
+        from lightning_swim import _fsearch
+        from lightning_swim.pairmap import threshold_fn
+
+        monkeypatch.setattr(_fsearch, "SCREEN", screen)
+        xf, act, a = _frame_layer(90, 12, 6, seed=22)  # 12 dimensions, 90 points: poorly explained neurons
+        M = a.shape[1]
+        thr = lambda best: best + 0.4  # noqa: E731  (a wide soft window: thousands of pairs per neuron)
+        near, k = threshold_fn(0.01, 0.0), 16
+        inf = torch.full((M,), math.inf, dtype=F64)
+        full, _ = _fsearch.exact_candidates(xf, act, a, thr, inf, max_memory=2**18, max_kept=10**9)
+        kept, ceiling = _fsearch.exact_candidates(
+            xf, act, a, thr, inf, max_memory=2**18, max_kept=10**9, near=near, n_cheapest=k
+        )
+        assert bool(torch.isfinite(ceiling).all())  # every neuron was trimmed
+        assert len(kept.m) < len(full.m) / 4
+        opts = {"atol": 0.01, "rtol": 0.0, "temperature": 0.5, "max_soft": k}
+        s_full, s_kept = _fsearch.summarise(full, M, **opts), _fsearch.summarise(kept, M, **opts)
+        for f in ("best_i", "best_j", "best_err", "n_near", "n_near_points"):
+            assert torch.equal(getattr(s_full, f), getattr(s_kept, f)), f
+        for s_ in (s_full, s_kept):
+            assert int((s_.soft_neuron == 0).sum()) == k  # the window holds far more than k pairs
+        soft = lambda r: sorted(zip(r.soft_neuron.tolist(), r.soft_from.tolist(), r.soft_to.tolist(), strict=True))  # noqa: E731
+        assert soft(s_full) == soft(s_kept)
+        torch.testing.assert_close(s_kept.soft_weight.sum(), s_full.soft_weight.sum())
+        # every pair within `near` of the best, and the k cheapest, are there: against brute force
+        for m in range(M):
+            mine = torch.sort(kept.err[kept.m == m]).values
+            everyone = torch.sort(full.err[full.m == m]).values
+            n_near = int((everyone <= everyone[0] + 0.01).sum())
+            torch.testing.assert_close(mine[: max(k, n_near)], everyone[: max(k, n_near)])
 
 
 class TestInvariances:
