@@ -1,4 +1,5 @@
-r"""A small compiled CPU kernel for stage 1 of the pair map: the row minima of the all-pairs search.
+r"""A small compiled CPU kernel for stage 1 of the pair map: the row minima of the all-pairs search
+(and the unit neurons of the exact search's blocks, :meth:`CpuKernel.unit_neurons`).
 
 KeOps evaluates a formula per pair, so on a CPU the pair's squared distance costs ``d`` flops inside
 every ``(i, j)`` evaluation (at a fraction of the GEMM rate), and each operation of the formula is a
@@ -138,6 +139,12 @@ class CpuKernel:
             fn.argtypes = [i64, i64, i64, i64, i64, *[ptr] * 8, dbl, dbl, c_int, dbl, ptr, c_int]
             fn.restype = c_int
             self._fns[dtype] = fn
+        self._unit = {}
+        for dtype, name in ((torch.float32, "ls_unit_neurons_f32"), (torch.float64, "ls_unit_neurons_f64")):
+            fn = getattr(lib, name)
+            fn.argtypes = [i64, i64, *[ptr] * 4, dbl, ptr, ptr, c_int]
+            fn.restype = None
+            self._unit[dtype] = fn
         lib.ls_neuron_block.argtypes = [i64]
         lib.ls_neuron_block.restype = i64
         if any(NEURON_PAD % lib.ls_neuron_block(s) for s in (4, 8)):  # pragma: no cover - a foreign build
@@ -182,6 +189,27 @@ class CpuKernel:
         )
         if status != 0:  # pragma: no cover - guarded by the padding above
             raise RuntimeError(f"the CPU kernel refused its arguments (status {status})")
+
+    def unit_neurons(
+        self, gram: Tensor, rows: Tensor, r: Tensor, c: Tensor, slope: float, out: Tensor, out_bf16: Tensor
+    ) -> None:
+        """Fill ``out [B, N, N]`` with the unit SWIM neurons of the pairs ``(rows[b], j)`` of the exact
+        search, ``h / |h|`` with ``h = max(z, 0) + slope min(z, 0)``, ``z_bjn = (G_jn - G_{rows[b] n}) r_bj
+        + c_bj``, and ``out_bf16`` with the same rounded to bfloat16 (to nearest even).
+
+        ``gram [N, N]``, ``r, c [B, N]`` and ``out`` are contiguous CPU tensors of one floating dtype,
+        ``rows [B]`` int64, ``out_bf16 [B, N, N]`` contiguous bfloat16.
+        """
+        B, N = r.shape
+        self._unit[gram.dtype](
+            B,
+            N,
+            *(t.data_ptr() for t in (rows, gram, r, c)),
+            slope,
+            out.data_ptr(),
+            out_bf16.data_ptr(),
+            torch.get_num_threads(),
+        )
 
 
 def _load(cache: Path) -> CpuKernel:

@@ -45,6 +45,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_swim import _search
+from lightning_swim._cpu_kernel import CpuKernelUnavailableError
 from lightning_swim._keops import KeOpsUnavailableError, pykeops_torch
 from lightning_swim._search import KEOPS_DIM_MULTIPLE, _d2_rows, _pad_cols, duplicate_groups, keops_neuron_chunk
 from lightning_swim.activations import Activation
@@ -157,14 +159,67 @@ class _Layer:
         q.square_().mul_(inv_hh[:, :, None]).mul_(self.inv_aa)
         return q.masked_fill_(bad[:, :, None], float("-inf"))
 
-    def unit_neurons(self, rows: Tensor, work: Tensor) -> tuple[Tensor, Tensor]:
+    def unit_neurons(self, rows: Tensor, work: Tensor, work_bf16: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The SWIM neurons of the pairs ``(rows[b], j)`` on every probe point as unit vectors,
-        ``[B N, N]`` (in ``work``), and which pairs are excluded, ``[B N]``."""
+        ``[B N, N]`` (in ``work``), the same in bfloat16 (in ``work_bf16``), and which pairs are
+        excluded, ``[B N]``. The compiled kernel where it runs (piecewise-linear activations on the CPU),
+        else its torch twin."""
         B, N = len(rows), self.x.shape[0]
         r, c, bad = self.pair_terms(rows)
-        h = _activations(self, rows, r, c, work)
-        inv = torch.linalg.vector_norm(h, dim=2).reciprocal_()  # |h| > 0: h(x_j) = sigma(s1 - s2)
-        return h.mul_(inv[:, :, None]).view(B * N, N), bad.view(-1)
+        out, out_bf16 = work[: B * N * N].view(B * N, N), work_bf16[: B * N * N].view(B * N, N)
+        kernel = _unit_kernel(self.act, self.x)
+        if kernel is not None and self.gram is not None:
+            kernel.unit_neurons(self.gram, rows, r.contiguous(), c.contiguous(), self.act.negative_slope, out, out_bf16)
+        else:
+            _unit_neurons_torch(self, rows, r, c, out, out_bf16)
+        return out, out_bf16, bad.view(-1)
+
+
+def _unit_neurons_torch(layer: _Layer, rows: Tensor, r: Tensor, c: Tensor, out: Tensor, out_bf16: Tensor) -> None:
+    """The twin of :meth:`lightning_swim._cpu_kernel.CpuKernel.unit_neurons`, any activation."""
+    B, N = r.shape
+    h = _activations(layer, rows, r, c, out)  # in `out` for ReLU, a new tensor for other activations
+    inv = torch.linalg.vector_norm(h, dim=2).reciprocal_()  # |h| > 0: h(x_j) = sigma(s1 - s2)
+    torch.mul(h, inv[:, :, None], out=out.view(B, N, N))
+    out_bf16.copy_(out)
+
+
+_unit_checked: dict[str, Any] = {}
+
+
+def _unit_kernel(act: Activation, x: Tensor) -> Any:
+    """The compiled unit-neuron kernel for ``act`` on ``x``, or None where it does not apply (other
+    activations, devices or dtypes) or is unavailable; checked once against the torch twin."""
+    if (
+        act.name not in ("relu", "leaky_relu")
+        or x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.float64)
+    ):
+        return None
+    if "kernel" not in _unit_checked:
+        _unit_checked["kernel"] = None
+        try:
+            kernel = _search.cpu_kernel()
+        except CpuKernelUnavailableError:
+            return None
+        g = torch.Generator().manual_seed(0)
+        ok = True
+        for dtype in (torch.float32, torch.float64):
+            xs = torch.randn(19, 4, generator=g, dtype=torch.float64).to(dtype)
+            layer = _Layer(xs, act, torch.rand(19, 3, generator=g, dtype=torch.float64).to(dtype), "torch")
+            rows = torch.tensor([0, 5, 18])
+            r, c, _ = layer.pair_terms(rows)
+            want, want_bf16 = torch.empty(3 * 19, 19, dtype=dtype), torch.empty(3 * 19, 19, dtype=torch.bfloat16)
+            got, got_bf16 = torch.empty_like(want), torch.empty_like(want_bf16)
+            _unit_neurons_torch(layer, rows, r, c, want, want_bf16)
+            assert layer.gram is not None
+            kernel.unit_neurons(layer.gram, rows, r.contiguous(), c.contiguous(), act.negative_slope, got, got_bf16)
+            fine = torch.isfinite(want).all(1)  # the pairs (i, i) have no neuron
+            tol = 1e-5 if dtype == torch.float32 else 1e-12
+            ok &= bool(torch.allclose(got[fine], want[fine], rtol=tol, atol=tol))
+            ok &= bool(((got_bf16[fine].double() - got[fine].double()).abs() <= 2.0**-8 * got[fine].abs()).all())
+        _unit_checked["kernel"] = kernel if ok else None
+    return _unit_checked["kernel"]
 
 
 def _activations(layer: _Layer, rows: Tensor, r: Tensor, c: Tensor, work: Tensor) -> Tensor:
@@ -264,8 +319,9 @@ def exact_candidates(
     - with ``near``, a block in which many pairs of a neuron pass (more than ``4 n_cheapest``, and a
       sixteenth of the block) lowers the neuron's ceiling to ``max(near(best), e_k)``, ``e_k`` an
       error that ``n_cheapest`` pairs of the block are known to beat: every pair within
-      ``near(best)`` of the final best, and the ``n_cheapest`` cheapest, stay in. (A neuron no pair explains well can have a third of its
-      ``N^2`` pairs in a wide soft window; the summary reads only these.)
+      ``near(best)`` of the final best, and the ``n_cheapest`` cheapest, stay in. (A neuron no pair
+      explains well can have a third of its ``N^2`` pairs in a wide soft window; the summary reads
+      only these.)
     - a neuron that holds more than ``max_kept`` pairs keeps its ``max_kept // 2`` cheapest and its
       ceiling drops to the largest of them. The best pair and the cheapest ``max_kept // 2`` are still
       exact, and a count within a threshold above the ceiling is a lower bound.
@@ -307,6 +363,7 @@ def exact_candidates(
         block = _block_size(N, M, x.element_size(), max_memory)
         work = torch.empty(block * N * N, dtype=x.dtype, device=x.device)
     screened = backend == "torch" and screens(x)
+    search.work_bf16 = torch.empty(len(work) if screened else 0, dtype=torch.bfloat16, device=x.device)
     parts: list[Candidates] = []
     counts = torch.zeros(M, dtype=torch.long, device=x.device)
     for s in range(0, N, block):
@@ -340,6 +397,7 @@ class _Search:
         self.layer, self.threshold, self.near, self.k = layer, threshold, near, n_cheapest
         self.best = bound.to(x.dtype).clone()
         self.ceiling = torch.full_like(self.best, float("inf"))
+        self.work_bf16 = torch.empty(0, dtype=torch.bfloat16, device=x.device)  # the screen's buffer
 
     def limit(self) -> Tensor:
         """The largest error kept now, per neuron."""
@@ -349,13 +407,16 @@ class _Search:
         """Lower the ceilings of neurons with more than ``4 k`` entries, and a sixteenth of the block's
         ``pairs``, to ``max(near(best), e_k)``; ``kth()`` gives ``e_k``, an error that ``k`` entries of
         the block are known to beat, per neuron (a top-k over the block: worth it only where it saves
-        extracting many entries). Whether any ceiling moved."""
+        extracting many entries; skipped where the ceiling is already near ``near(best)``). Whether any
+        ceiling moved."""
         if self.near is None or self.k < 1:
             return False
         heavy = (counts > max(4 * self.k, pairs // 16)) & torch.isfinite(self.best)  # near(inf) may be nan
+        near = self.near(self.best)
+        heavy &= self.ceiling > near + (self.threshold(self.best) - near) / 4  # else little left to gain
         if not bool(heavy.any()):
             return False
-        soft = torch.maximum(kth(), self.near(self.best))
+        soft = torch.maximum(kth(), near)
         self.ceiling = torch.where(heavy, torch.minimum(self.ceiling, soft), self.ceiling)
         return True
 
@@ -366,35 +427,36 @@ class _Search:
         self.best = torch.minimum(self.best, 1 - q.amax(dim=(0, 1)))
         b, j, m = (q >= 1 - self.limit()).nonzero(as_tuple=True)
         kth = lambda: 1 - q.view(-1, M).topk(self.k, dim=0).values[-1]  # noqa: E731
+        qs = q[b, j, m]
         if self._trim(torch.bincount(m, minlength=M), q.shape[0] * q.shape[1], kth):
-            b, j, m = (q >= 1 - self.limit()).nonzero(as_tuple=True)
-        return b, j, m, q[b, j, m]
+            ok = qs >= 1 - self.limit()[m]
+            b, j, m, qs = b[ok], j[ok], m[ok], qs[ok]
+        return b, j, m, qs
 
     def screened_block(self, rows: Tensor, work: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(b, j, m, q)`` of a superset of the block's entries within the limit: those whose bfloat16
         cosine passes the limit less :func:`screen_slack`, with ``q`` computed again exactly."""
         layer = self.layer
         N, M = layer.a.shape
-        hn, bad = layer.unit_neurons(rows, work)  # [B N, N] unit rows; bad: [B N]
-        chat = hn.to(torch.bfloat16) @ layer.unit_a_bf16  # [B N, M] cosines within eps
+        hn, hb, bad = layer.unit_neurons(rows, work, self.work_bf16)  # [B N, N] unit rows; bad: [B N]
+        chat = hb @ layer.unit_a_bf16  # [B N, M] cosines within eps
         if layer.free_sign:
             chat.abs_()
         chat.index_fill_(0, bad.nonzero().ravel(), float("-inf"))
         eps = screen_slack(N)
 
-        def passing() -> tuple[Tensor, Tensor]:
+        def screen_cosines() -> Tensor:
             lim = self.limit()
-            cos = torch.where(lim < 1, (1 - lim).clamp_min(0).sqrt() - eps, -1e30)
-            p, m = (chat >= cos.to(torch.float32)).nonzero(as_tuple=True)
-            return p, m
+            return torch.where(lim < 1, (1 - lim).clamp_min(0).sqrt() - eps, -1e30).to(torch.float32)
 
         def kth() -> Tensor:  # k entries have a true cosine >= the k-th screened one less eps
             c = chat.topk(self.k, dim=0).values[-1].to(self.best.dtype) - eps
             return 1 - c.clamp(0, 1).square()
 
-        p, m = passing()
+        p, m = (chat >= screen_cosines()).nonzero(as_tuple=True)
         if self._trim(torch.bincount(m, minlength=M), chat.shape[0], kth):
-            p, m = passing()
+            ok = chat[p, m] >= screen_cosines()[m]
+            p, m = p[ok], m[ok]
         cos = _sampled(hn, layer.unit_a, p, m)
         q = cos.abs() if layer.free_sign else cos.clamp_min(0)
         q = q.square()

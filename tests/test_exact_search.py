@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import pytest
@@ -255,6 +256,60 @@ class TestScreen:
         assert not _fsearch.screens(x)
         monkeypatch.setattr(_fsearch, "_native_bf16", lambda: True)
         assert _fsearch.screens(x) and _fsearch.screens(x.double()) and not _fsearch.screens(x.half())
+
+
+class TestUnitNeuronKernel:
+    """The compiled unit neurons of a block (ReLU, leaky ReLU) against their torch twin."""
+
+    @pytest.mark.parametrize("name", ["relu", "leaky_relu"])
+    @pytest.mark.parametrize("dtype", [F64, torch.float32])
+    def test_the_kernel_equals_the_torch_twin(self, name, dtype):
+        from lightning_swim import _fsearch
+
+        act = get_activation(name)
+        if _fsearch._unit_kernel(act, torch.zeros(2, 2)) is None:
+            if os.environ.get("LIGHTNING_SWIM_REQUIRE_CPU_KERNEL") == "1":
+                raise AssertionError("the compiled CPU kernel is required here")
+            pytest.skip("the compiled CPU kernel is not available here")
+        w, b, x = layer(130, 7, 9, seed=41, duplicates=3, dtype=dtype)
+        lay = _fsearch._Layer(x, act, act(x @ w.T + b), "torch")
+        N = x.shape[0]
+        rows = torch.tensor([0, 3, 64, N - 1])
+        r, c, bad = lay.pair_terms(rows)
+        shape = (4 * N, N)
+        want, got = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+        want_b, got_b = torch.empty(shape, dtype=torch.bfloat16), torch.empty(shape, dtype=torch.bfloat16)
+        _fsearch._unit_neurons_torch(lay, rows, r, c, want, want_b)
+        _fsearch._unit_kernel(act, x).unit_neurons(
+            lay.gram, rows, r.contiguous(), c.contiguous(), act.negative_slope, got, got_b
+        )
+        ok = ~bad.view(-1)
+        tol = 1e-12 if dtype == F64 else 2e-6
+        torch.testing.assert_close(got[ok], want[ok], rtol=tol, atol=tol)
+        torch.testing.assert_close(got[ok].norm(dim=1), torch.ones(int(ok.sum()), dtype=dtype))
+        # rounded to the nearest bfloat16 of the kernel's own values
+        assert torch.equal(got_b[ok], got[ok].float().bfloat16())
+
+    def test_a_kernel_failing_its_self_check_is_not_used(self, monkeypatch):
+        from lightning_swim import _fsearch
+
+        act = get_activation("relu")
+        if _fsearch._unit_kernel(act, torch.zeros(2, 2)) is None:
+            pytest.skip("the compiled CPU kernel is not available here")
+        monkeypatch.setattr(_fsearch, "_unit_checked", {})
+
+        def broken(self, gram, rows, r, c, slope, out, out_bf16):
+            out.fill_(0.5)
+            out_bf16.fill_(0.5)
+
+        monkeypatch.setattr(type(_fsearch._search.cpu_kernel()), "unit_neurons", broken)
+        assert _fsearch._unit_kernel(act, torch.zeros(2, 2)) is None
+        w, b, x = layer(40, 3, 5, seed=3)
+        monkeypatch.setattr(_fsearch, "SCREEN", True)
+        pm = quiet_map(w, b, x, refine="exact")  # the torch twin: still the exact answer
+        err = brute_force(w, b, x, "relu").reshape(5, -1)
+        ok = pm.valid
+        torch.testing.assert_close(pm.func_error[ok], err[ok].min(1).values, rtol=0, atol=1e-10)
 
 
 class TestTrim:

@@ -49,6 +49,15 @@ def _rgb_points(colours):
 # -- what is an image ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("name", ["gray_r", "RdBu_r", "viridis"])
+def test_the_cached_colour_table_gives_matplotlibs_colours(name):
+    import matplotlib
+
+    values = np.concatenate([np.random.default_rng(0).normal(size=500), [-1.0, 0.0, 0.5, 1.0, 1 - 1e-17, 7.0]])
+    z = ((values + 1) / 2).clip(0, 1)
+    assert np.array_equal(plotting._cmap(values, -1.0, 1.0, name), matplotlib.colormaps[name](z, bytes=True)[..., :3])
+
+
 def test_flat_vectors_are_images_only_when_neighbouring_pixels_correlate():
     x = digits()[0][:400]
     assert plotting.guess_image_shape((64,), x) == (8, 8)

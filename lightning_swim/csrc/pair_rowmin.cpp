@@ -164,6 +164,50 @@ static int rowmin(int64_t nrows, int64_t row0, int64_t N, int64_t d, int64_t Mp,
     return status;
 }
 
+
+// The SWIM neurons of the pairs (rows[b], j) of the exact function-space search (lightning_swim/_fsearch.py)
+// as unit vectors, for piecewise-linear activations: for every b < B and j < N,
+//
+//     z_n = (G_jn - G_{rows[b] n}) r_bj + c_bj,   h_n = max(z_n, 0) + slope min(z_n, 0),
+//
+// out[b, j, :] = h / |h| (T) and out_bf16[b, j, :] = the same rounded to bfloat16 (to nearest, ties to
+// even). One pass computes |h|^2, a second writes both; the rows of G stay in cache. Plain loops the
+// compiler vectorises.
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof(u));
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+template <typename T>
+static void unit_neurons(int64_t B, int64_t N, const int64_t* rows, const T* G, const T* r, const T* c, T slope,
+                         T* out, uint16_t* out_bf16, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t bj = 0; bj < B * N; bj++) {
+        const T* gi = G + rows[bj / N] * N;
+        const T* gj = G + (bj % N) * N;
+        const T rr = r[bj], cc = c[bj];
+        T s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t n = 0; n < N; n++) {
+            const T z = (gj[n] - gi[n]) * rr + cc;
+            const T h = (z > 0 ? z : 0) + slope * (z < 0 ? z : 0);
+            s += h * h;
+        }
+        const T inv = 1 / sqrt(s);
+        T* o = out + bj * N;
+        uint16_t* ob = out_bf16 + bj * N;
+#pragma omp simd
+        for (int64_t n = 0; n < N; n++) {
+            const T z = (gj[n] - gi[n]) * rr + cc;
+            const T h = ((z > 0 ? z : 0) + slope * (z < 0 ? z : 0)) * inv;
+            o[n] = h;
+            ob[n] = to_bf16((float)h);
+        }
+    }
+}
+
 extern "C" {
 
 // Neurons per register block for an element of `itemsize` bytes: the neuron axis must be padded to a multiple.
@@ -182,5 +226,15 @@ int ls_rowmin_f64(int64_t nrows, int64_t row0, int64_t N, int64_t d, int64_t Mp,
                   int nthreads) {
     return rowmin<double>(nrows, row0, N, d, Mp, G, x, sq, sqy, groups, a, b, g, kappa, alpha, homogeneous, tol, out,
                           nthreads);
+}
+
+void ls_unit_neurons_f32(int64_t B, int64_t N, const int64_t* rows, const float* G, const float* r, const float* c,
+                         double slope, float* out, uint16_t* out_bf16, int nthreads) {
+    unit_neurons<float>(B, N, rows, G, r, c, (float)slope, out, out_bf16, nthreads);
+}
+
+void ls_unit_neurons_f64(int64_t B, int64_t N, const int64_t* rows, const double* G, const double* r,
+                         const double* c, double slope, double* out, uint16_t* out_bf16, int nthreads) {
+    unit_neurons<double>(B, N, rows, G, r, c, slope, out, out_bf16, nthreads);
 }
 }
