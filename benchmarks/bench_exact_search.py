@@ -6,9 +6,12 @@ Part 1 (synthetic, M = 128 ReLU neurons whose hyperplanes pass near data points,
   every probe point (a GEMM in ``d``), the optimally scaled error against every neuron (a GEMM in
   ``M``), in blocks of anchors; the exact optimum, ``2 N^3 (d + M)`` flops;
 - exact: ``map_layer(refine="exact")`` (the Gram-matrix formulation, ``2 N^3 M`` flops in GEMMs),
-  which also returns the ambiguity counts and the soft attribution;
+  which also returns the ambiguity counts and the soft attribution; where the CPU has native
+  bfloat16 (AVX512-BF16, AMX) its GEMMs run in bf16 behind a proven error bound, the entries near the
+  window recomputed exactly (``docs/maths.md``);
+- dense: the same search with the bf16 screen turned off (float32 GEMMs, as on CPUs without bf16);
 - top-k: ``map_layer(refine="function", top_k=128)`` (not exact);
-- floor: ``2 N^3 M`` flops at the fp32 GEMM rate measured in the same run.
+- floors: ``2 N^3 M`` flops at the fp32 and at the bf16 GEMM rates measured in the same run.
 
 Each run is a fresh process (its peak resident memory above the baseline is reported). Runs
 predicted (from the N^3 scaling of smaller runs) to exceed ``--budget`` seconds are skipped.
@@ -63,9 +66,9 @@ def brute_force(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, block_bytes: 
     return best
 
 
-def gemm_rate() -> float:
-    """fp32 GEMM flops per second on this machine, now (best of 5 at 2048^3)."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+def gemm_rate(dtype: torch.dtype = torch.float32) -> float:
+    """GEMM flops per second on this machine, now (best of 5 at 2048^3)."""
+    a, b = torch.randn(2048, 2048).to(dtype), torch.randn(2048, 2048).to(dtype)
     a @ b
     best = float("inf")
     for _ in range(5):
@@ -76,7 +79,7 @@ def gemm_rate() -> float:
 
 
 def run_one(method: str, n: int) -> dict[str, float]:
-    from lightning_swim import map_layer
+    from lightning_swim import _fsearch, map_layer
 
     w, b, x = layer(n)
     warnings.simplefilter("ignore", RuntimeWarning)  # dead neurons are counted, not warned about
@@ -86,7 +89,8 @@ def run_one(method: str, n: int) -> dict[str, float]:
         if method == "brute":
             result["error_mean"] = float(brute_force(w, b, x).mean())
             return
-        refine = "exact" if method == "exact" else "function"
+        refine = "exact" if method in ("exact", "dense") else "function"
+        _fsearch.SCREEN = False if method == "dense" else None
         pm = map_layer(w, b, x, refine=refine, top_k=128, backend="torch")
         result["error_mean"] = float(pm.func_error[pm.valid].mean())
         result["live"] = int(pm.valid.sum())
@@ -99,7 +103,7 @@ def digits_table() -> None:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    from lightning_swim import convert_network, fidelity, map_layer, random_map
+    from lightning_swim import _fsearch, convert_network, fidelity, map_layer, random_map
     from lightning_swim.analysis import chance_fidelity
 
     X, y = load_digits(return_X_y=True)
@@ -124,6 +128,10 @@ def digits_table() -> None:
     t0 = time.perf_counter()
     exact = map_layer(w, b, xtr, refine="exact")
     rows.append(("exact (all pairs)", exact, time.perf_counter() - t0))
+    if _fsearch.screens(xtr):
+        _fsearch.SCREEN, t0 = False, time.perf_counter()
+        rows.append(("exact, no bf16", map_layer(w, b, xtr, refine="exact"), time.perf_counter() - t0))
+        _fsearch.SCREEN = None
     t0 = time.perf_counter()
     local = map_layer(w, b, xtr, refine="function", top_k=128, local_search=1)
     rows.append(("top-128 + 1 sweep", local, time.perf_counter() - t0))
@@ -153,7 +161,7 @@ def digits_table() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1000, 2000])
-    parser.add_argument("--methods", nargs="+", default=["brute", "exact", "topk"])
+    parser.add_argument("--methods", nargs="+", default=["brute", "exact", "dense", "topk"])
     parser.add_argument("--budget", type=float, default=600.0, help="skip runs predicted to take longer (s)")
     parser.add_argument("--no-digits", action="store_true", help="skip part 2")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
@@ -163,16 +171,23 @@ def main() -> None:
 
         print(json.dumps(run_one(args.one[0], int(args.one[1]))))
         return
-    rate = gemm_rate()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 GEMM {rate / 1e9:.0f} GFLOP/s")
-    print(f"M = {M} ReLU neurons, d = {D}, float32; floor = 2 N^3 M flops at the GEMM rate")
-    head = f"{'N':>5} | {'floor s':>7} | " + " | ".join(f"{m + ' s':>9} {'MB':>5}" for m in args.methods)
-    head += f" | {'exact/floor':>11} | {'brute/exact':>11} | {'mean error brute / exact / top-k':>32}"
+    from lightning_swim._fsearch import screens
+
+    rate, rate16 = gemm_rate(), gemm_rate(torch.bfloat16)
+    screen = "on" if screens(torch.zeros(1)) else "off (no native bf16 here)"
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; GEMM fp32 {rate / 1e9:.0f}, "
+        f"bf16 {rate16 / 1e9:.0f} GFLOP/s; the exact search's bf16 screen: {screen}"
+    )
+    print(f"M = {M} ReLU neurons, d = {D}, float32; floors = 2 N^3 M flops at the fp32 / bf16 GEMM rates")
+    head = f"{'N':>5} | {'floors s':>11} | " + " | ".join(f"{m + ' s':>9} {'MB':>5}" for m in args.methods)
+    head += f" | {'exact/floor fp32, bf16':>22} | {'dense/exact':>11} | {'brute/exact':>11} | "
+    head += f"{'mean error brute / exact / top-k':>32}"
     print(head)
     print("-" * len(head))
     last: dict[str, tuple[int, float]] = {}
     for n in args.sizes:
-        floor = 2 * n**3 * M / rate
+        floor, floor16 = 2 * n**3 * M / rate, 2 * n**3 * M / rate16
         cells, res = [], {}
         for method in args.methods:
             prev = last.get(method)
@@ -188,16 +203,17 @@ def main() -> None:
             last[method] = (n, r["seconds"])
             cells.append(f"{r['seconds']:>9.2f} {r['peak_mb']:>5.0f}")
 
-        def ratio(a: str, b: str | None, res: dict[str, dict[str, float]] = res, floor: float = floor) -> str:
-            if a not in res or (b is not None and b not in res):
-                return f"{'-':>11}"
-            den = floor if b is None else res[b]["seconds"]
-            return f"{res[a]['seconds'] / den:>10.1f}x"
+        def ratio(a: str, b: str | float, res: dict[str, dict[str, float]] = res) -> str:
+            if a not in res or (isinstance(b, str) and b not in res):
+                return "-"
+            den = b if isinstance(b, float) else res[b]["seconds"]
+            return f"{res[a]['seconds'] / den:.1f}x"
 
         errs = " / ".join(f"{res[m]['error_mean']:.4f}" if m in res else "-" for m in ("brute", "exact", "topk"))
+        floors = f"{ratio('exact', floor)}, {ratio('exact', floor16)}"
         print(
-            f"{n:>5} | {floor:>7.2f} | " + " | ".join(cells) + f" | {ratio('exact', None)} | "
-            f"{ratio('brute', 'exact')} | {errs:>32}"
+            f"{n:>5} | {floor:>5.2f} {floor16:>5.2f} | " + " | ".join(cells) + f" | {floors:>22} | "
+            f"{ratio('dense', 'exact'):>11} | {ratio('brute', 'exact'):>11} | {errs:>32}"
         )
     if not args.no_digits:
         digits_table()

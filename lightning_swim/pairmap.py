@@ -62,7 +62,8 @@ STATUS = ("mapped", "zero_weights", "non_finite", "dead")
 DEFAULT_MAX_MEMORY = 512 * 2**20
 EXACT_SEEDS = 8  # parameter-space candidates whose errors bound the exact search's best at its start
 AUTO_EXACT_WORK = 2.7e11
-"""``refine="auto"`` searches exactly when ``N^3 M`` (multiply-adds) is at most this: about 5 s on two CPU cores."""
+"""``refine="auto"`` searches exactly when ``N^3 M`` (multiply-adds) is at most this: about 4 s on two CPU cores
+(1.6 s with bfloat16 units, ``docs/maths.md``)."""
 
 
 @dataclass
@@ -351,12 +352,13 @@ def map_layer(
     - ``"exact"``: the ordered pair of distinct probe points that minimises the function-space error
       (the relative error of the best rescaled SWIM neuron on the probe set; the factor is
       non-negative for homogeneous activations and tanh) over all :math:`N(N-1)` pairs; ties go to the
-      smallest ``(i, j)``. :math:`O(N^3 M)` multiply-adds in GEMMs.
+      smallest ``(i, j)``. :math:`O(N^3 M)` multiply-adds in GEMMs (in bfloat16 behind a proven error
+      bound, the entries near the window computed again exactly, where the CPU has bf16 units).
     - ``"function"``: the exact ``top_k`` pairs in parameter space (stage 1, :math:`O(N^2 M)`) re-ranked
       in function space, then ``local_search`` sweeps of coordinate descent. Not exact.
     - ``"none"``: the exact optimum in parameter space.
-    - ``"auto"`` (default): ``"exact"`` when :math:`N^3 M \le` :data:`AUTO_EXACT_WORK` (about 5 s on two
-      CPU cores), else ``"function"``.
+    - ``"auto"`` (default): ``"exact"`` when :math:`N^3 M \le` :data:`AUTO_EXACT_WORK` (about 4 s on two
+      CPU cores, under 2 s where they have bfloat16 units), else ``"function"``.
 
     Every pair within ``atol + rtol * e*`` of a neuron's best error ``e*`` is counted (``n_near``:
     how ambiguous the best pair is), and each neuron spreads a *soft attribution* over its
