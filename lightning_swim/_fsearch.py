@@ -288,8 +288,9 @@ def _inner_keops(layer: _Layer, rows: Tensor, r: Tensor, c: Tensor) -> tuple[Ten
 CACHE_BYTES = 16 * 2**20  # anchors per block: their [N, N] arrays fill about this much (measured: 2-4 at N = 1,257)
 
 
-def _block_size(n: int, m: int, item: int, max_memory: int) -> int:
-    by_memory = max_memory // (item * (n * n + 3 * n * m))
+def _block_size(n: int, m: int, item: int, max_memory: int, screened: bool = False) -> int:
+    per_anchor = item * (n * n + 3 * n * m) + (2 * (n * n + n * m) if screened else 0)  # + the bf16 copies
+    by_memory = max_memory // per_anchor
     by_cache = -(-CACHE_BYTES // (item * n * n))
     return max(1, min(n, by_memory, by_cache))
 
@@ -356,13 +357,13 @@ def exact_candidates(
         )
     layer = _Layer(x, act, a, backend)
     search = _Search(layer, threshold, bound, near, n_cheapest)
+    screened = backend == "torch" and screens(x)
     if backend == "keops":  # no [N, N] arrays: blocks of anchors as large as the [B, N, M] outputs allow
         block = max(1, min(N, max_memory // (x.element_size() * 4 * N * (M + 1))))
         work = torch.empty(0, dtype=x.dtype, device=x.device)
     else:
-        block = _block_size(N, M, x.element_size(), max_memory)
+        block = _block_size(N, M, x.element_size(), max_memory, screened)
         work = torch.empty(block * N * N, dtype=x.dtype, device=x.device)
-    screened = backend == "torch" and screens(x)
     search.work_bf16 = torch.empty(len(work) if screened else 0, dtype=torch.bfloat16, device=x.device)
     parts: list[Candidates] = []
     counts = torch.zeros(M, dtype=torch.long, device=x.device)

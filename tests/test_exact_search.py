@@ -233,7 +233,7 @@ class TestScreen:
         got = {}
         for screen in (False, True):
             monkeypatch.setattr(_fsearch, "SCREEN", screen)
-            got[screen] = _fsearch.exact_candidates(xf, act, a, thr, inf, max_memory=2**20)[0]
+            got[screen] = _fsearch.exact_candidates(xf, act, a, thr, inf, max_memory=2**20, max_kept=10**9)[0]
         dense, screened = (_errors(got[k]) for k in (False, True))
         if dtype == F64:
             assert dense.keys() == screened.keys()
