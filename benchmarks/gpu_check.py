@@ -11,8 +11,8 @@ environment first and calls this):
 4. **fit**: a monitored fit (``PairImportanceMonitor`` on the digits MLP of ``lightning_swim.demo``,
    3 epochs) with ``accelerator="gpu"`` against ``"cpu"``, each against the same fit unmonitored;
 5. **exact**: the exact function-space search ``map_layer(..., refine="exact")`` (N = 1,000, d = 64,
-   M = 128) on the GPU against the CPU, skipped with a line where this checkout's
-   ``lightning_swim.pairmap.REFINE`` has no ``"exact"``;
+   M = 128) on the GPU (KeOps, torch, and torch with the bfloat16 screen forced on) against the CPU,
+   skipped with a line where this checkout's ``lightning_swim.pairmap.REFINE`` has no ``"exact"``;
 6. **tests**: ``pytest -m cuda`` (the device-parametrised parity tests of the search, transport and
    monitor).
 
@@ -287,19 +287,27 @@ def section_exact(device: str, tiny: bool) -> Iterator[dict[str, Any]]:
     if "exact" not in REFINE:
         yield _row("skipped", check=f"map_layer(refine='exact') is not in this checkout (REFINE = {REFINE})")
         return
-    # O(N^3 M): on a 2-core CPU (AVX-512) torch takes about 2 s at N = 1,000, M = 128 (KeOps ~60x longer)
+    # O(N^3 M): on a 2-core CPU (AVX-512 with BF16) torch takes about 1.8 s at N = 1,000, M = 128 (KeOps ~60x longer)
     n, d, m = (60, 8, 8) if tiny else (1000, 64, 128)
     case = f"N={n} d={d} M={m}"
     w, b, x = _layer(n, d, m)
     wd, bd, xd = w.to(device), b.to(device), x.to(device)
+    from lightning_swim import _fsearch
+
     maps = {}
-    for backend in ("auto", "keops", "torch"):  # the GPU first, as in the search
+    # "torch-bf16": the torch search with the bfloat16 screen forced on (by default only on CPUs with
+    # native bf16; never run on a GPU before this check)
+    for label in ("auto", "keops", "torch", "torch-bf16"):  # the GPU first, as in the search
+        backend = label.split("-")[0]
+        _fsearch.SCREEN = True if label == "torch-bf16" else None
         try:
             map_layer(wd[:2], bd[:2], xd[:20], refine="exact", backend=backend)  # warm-up
-            t, maps[backend] = _timed(device, map_layer, wd, bd, xd, refine="exact", backend=backend)
-            yield _row(case, gpu=backend, gpu_s=t)
+            t, maps[label] = _timed(device, map_layer, wd, bd, xd, refine="exact", backend=backend)
+            yield _row(case, gpu=label, gpu_s=t)
         except Exception as err:
-            yield _row(case, gpu=backend, check=f"FAILED: {type(err).__name__}: {str(err)[:200]}")
+            yield _row(case, gpu=label, check=f"FAILED: {type(err).__name__}: {str(err)[:200]}")
+        finally:
+            _fsearch.SCREEN = None
     map_layer(w[:2], b[:2], x[:20], refine="exact", backend="auto")  # warm-up, CPU
     cpu_t, ref = _timed("cpu", map_layer, w, b, x, refine="exact", backend="auto")
     checks = {}
