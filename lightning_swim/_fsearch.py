@@ -36,6 +36,7 @@ the screen, so the result is the same as without it.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import warnings
 from collections.abc import Callable
@@ -49,7 +50,7 @@ from lightning_swim import _search
 from lightning_swim._cpu_kernel import CpuKernelUnavailableError
 from lightning_swim._keops import KeOpsUnavailableError, pykeops_torch
 from lightning_swim._search import KEOPS_DIM_MULTIPLE, _d2_rows, _pad_cols, duplicate_groups, keops_neuron_chunk
-from lightning_swim.activations import Activation
+from lightning_swim.activations import Activation, get_activation
 
 __all__ = ["Candidates", "SoftResult", "exact_candidates", "fit_error", "screen_slack", "sign_free", "summarise"]
 
@@ -204,16 +205,17 @@ def _unit_kernel(act: Activation, x: Tensor) -> Any:
             return None
         g = torch.Generator().manual_seed(0)
         ok = True
-        for dtype in (torch.float32, torch.float64):
+        for dtype, name in itertools.product((torch.float32, torch.float64), ("relu", "leaky_relu")):
+            pwl = get_activation(name)
             xs = torch.randn(19, 4, generator=g, dtype=torch.float64).to(dtype)
-            layer = _Layer(xs, act, torch.rand(19, 3, generator=g, dtype=torch.float64).to(dtype), "torch")
+            layer = _Layer(xs, pwl, torch.rand(19, 3, generator=g, dtype=torch.float64).to(dtype), "torch")
             rows = torch.tensor([0, 5, 18])
             r, c, _ = layer.pair_terms(rows)
             want, want_bf16 = torch.empty(3 * 19, 19, dtype=dtype), torch.empty(3 * 19, 19, dtype=torch.bfloat16)
             got, got_bf16 = torch.empty_like(want), torch.empty_like(want_bf16)
             _unit_neurons_torch(layer, rows, r, c, want, want_bf16)
             assert layer.gram is not None
-            kernel.unit_neurons(layer.gram, rows, r.contiguous(), c.contiguous(), act.negative_slope, got, got_bf16)
+            kernel.unit_neurons(layer.gram, rows, r.contiguous(), c.contiguous(), pwl.negative_slope, got, got_bf16)
             fine = torch.isfinite(want).all(1)  # the pairs (i, i) have no neuron
             tol = 1e-5 if dtype == torch.float32 else 1e-12
             ok &= bool(torch.allclose(got[fine], want[fine], rtol=tol, atol=tol))
