@@ -483,6 +483,14 @@ class TestCheckpoints:
         assert clone.state_key == monitor.state_key
         assert "'every_n_epochs': 1" in monitor.state_key
 
+    def test_monitors_of_two_submodules_keep_separate_states(self):
+        """Two monitors on one Trainer that differ only in ``module=`` must not share a checkpoint slot;
+        a monitor without ``module=`` keeps the key it always had (older checkpoints still resume)."""
+        a, b = PairImportanceMonitor(module="encoder"), PairImportanceMonitor(module="decoder")
+        plain = PairImportanceMonitor()
+        assert len({a.state_key, b.state_key, plain.state_key}) == 3
+        assert "module" not in plain.state_key
+
 
 class TestArguments:
     @pytest.mark.parametrize(

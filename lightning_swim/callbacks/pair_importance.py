@@ -394,6 +394,7 @@ class PairImportanceMonitor(Callback):
             max_overhead=self.max_overhead,
             layers=self.layer_patterns,
             seed=seed,
+            **({"module": module} if module is not None else {}),  # keys saved without it stay valid
         )
         # state (saved in checkpoints)
         self._x: Tensor | None = None
