@@ -429,7 +429,8 @@ class _Search:
         M = q.shape[2]
         self.best = torch.minimum(self.best, 1 - q.amax(dim=(0, 1)))
         b, j, m = (q >= 1 - self.limit()).nonzero(as_tuple=True)
-        kth = lambda: 1 - q.view(-1, M).topk(self.k, dim=0).values[-1]  # noqa: E731
+        # a few epsilons above the k-th error: 1 - (1 - q) may round below q, which would drop the k-th pair
+        kth = lambda: 1 - q.view(-1, M).topk(self.k, dim=0).values[-1] + 4 * torch.finfo(q.dtype).eps  # noqa: E731
         qs = q[b, j, m]
         if self._trim(torch.bincount(m, minlength=M), q.shape[0] * q.shape[1], kth):
             ok = qs >= 1 - self.limit()[m]

@@ -493,6 +493,7 @@ def _map_alive(
             more = _local_search(x, act, a, first.best_i, first.best_j, first.best_err, sweeps, max_memory)
             cand = Candidates(*(torch.cat([getattr(cand, f), getattr(more, f)]) for f in ("m", "i", "j", "err")))
             cand = _unique_pairs(cand)
+    cand = _equal_errors_for_duplicates(cand, _search.duplicate_groups(x))
     res = summarise(cand, M, atol=atol, rtol=rtol, temperature=temperature, max_soft=int(opts["max_soft"]))
     i, j = res.best_i, res.best_j
     err, c = _fit(act(_preactivation(x, i, j, act)), a.T, sign_free(act))
@@ -543,6 +544,23 @@ def _exact(
                 "backend='auto' to run without it."
             ) from err
     return exact_candidates(x, act, a, threshold, bound, max_memory=max_memory, backend="torch", **keep)[0]
+
+
+def _equal_errors_for_duplicates(cand: Candidates, groups: Tensor) -> Candidates:
+    """Give pairs of coincident points (same neuron, same point groups) one error, their smallest.
+
+    Their SWIM neurons are the same function, but the searches compute their errors at different
+    places in a block (or in a sampled product), so rounding can tell them apart; equal, they tie
+    exactly, and the tie goes to the smallest ``(i, j)`` as documented.
+    """
+    n_groups = int(groups.max()) + 1 if len(groups) else 0
+    if n_groups == len(groups) or len(cand.m) == 0:  # no duplicates
+        return cand
+    key = (cand.m * n_groups + groups[cand.i]) * n_groups + groups[cand.j]
+    _, inverse = torch.unique(key, return_inverse=True)
+    low = torch.full((int(inverse.max()) + 1,), float("inf"), dtype=cand.err.dtype, device=cand.err.device)
+    low.scatter_reduce_(0, inverse, cand.err, reduce="amin")
+    return Candidates(cand.m, cand.i, cand.j, low[inverse])
 
 
 def _unique_pairs(cand: Candidates) -> Candidates:

@@ -258,6 +258,34 @@ class TestScreen:
         assert _fsearch.screens(x) and _fsearch.screens(x.double()) and not _fsearch.screens(x.half())
 
 
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_the_map_is_the_same_with_and_without_the_screen_and_the_trim(name, seed, monkeypatch):
+    """The whole map (pairs, counts, soft attribution) in float64, with duplicate points (exact ties)
+    and a wide soft window: the bf16 screen and the trim to ``max_soft`` change nothing."""
+    from lightning_swim import _fsearch
+    from lightning_swim import pairmap as pmod
+
+    n = 40 + 23 * seed
+    w, b, x = random_layer(n, 3 + seed, 7, seed, dtype=F64, duplicates=seed % 3, offset=0.3)
+    maps, near = {}, pmod.threshold_fn
+    for screen, trim in ((False, False), (False, True), (True, True)):
+        monkeypatch.setattr(_fsearch, "SCREEN", screen)
+        monkeypatch.setattr(pmod, "threshold_fn", near if trim else (lambda atol, rtol: None))
+        for max_soft in (4, 64):
+            maps[screen, trim, max_soft] = quiet_map(
+                w, b, x, activation=name, refine="exact", max_soft=max_soft, temperature=0.5, atol=0.03
+            )
+    for max_soft in (4, 64):
+        ref = maps[False, False, max_soft]
+        for key in ((False, True, max_soft), (True, True, max_soft)):
+            pm = maps[key]
+            for f in ("idx_from", "idx_to", "n_near", "n_near_points", "soft_neuron", "soft_from", "soft_to"):
+                assert torch.equal(getattr(pm, f), getattr(ref, f)), (key, f)
+            torch.testing.assert_close(pm.soft_weight, ref.soft_weight, rtol=0, atol=1e-9)
+            torch.testing.assert_close(pm.func_error, ref.func_error, rtol=0, atol=1e-12, equal_nan=True)
+
+
 class TestUnitNeuronKernel:
     """The compiled unit neurons of a block (ReLU, leaky ReLU) against their torch twin."""
 
