@@ -319,8 +319,8 @@ def exact_candidates(
     threshold at the end, so the result is exact whatever the bound. Every neuron has a *ceiling*
     (inf at first), and only pairs at most ``min(threshold(best), ceiling)`` are kept:
 
-    - with ``near``, a block in which many pairs of a neuron pass (more than ``4 n_cheapest``, and a
-      sixteenth of the block) lowers the neuron's ceiling to ``max(near(best), e_k)``, ``e_k`` an
+    - with ``near``, the first block in which many pairs of a neuron pass (more than ``4 n_cheapest``,
+      and a sixteenth of the block) lowers the neuron's ceiling to ``max(near(best), e_k)``, ``e_k`` an
       error that ``n_cheapest`` pairs of the block are known to beat: every pair within
       ``near(best)`` of the final best, and the ``n_cheapest`` cheapest, stay in. (A neuron no pair
       explains well can have a third of its ``N^2`` pairs in a wide soft window; the summary reads
@@ -410,13 +410,14 @@ class _Search:
         """Lower the ceilings of neurons with more than ``4 k`` entries, and a sixteenth of the block's
         ``pairs``, to ``max(near(best), e_k)``; ``kth()`` gives ``e_k``, an error that ``k`` entries of
         the block are known to beat, per neuron (a top-k over the block: worth it only where it saves
-        extracting many entries; skipped where the ceiling is already near ``near(best)``). Whether any
-        ceiling moved."""
+        extracting many entries), once per neuron. Whether any ceiling moved."""
         if self.near is None or self.k < 1:
             return False
         heavy = (counts > max(4 * self.k, pairs // 16)) & torch.isfinite(self.best)  # near(inf) may be nan
         near = self.near(self.best)
-        heavy &= self.ceiling > near + (self.threshold(self.best) - near) / 4  # else little left to gain
+        # once per neuron: later blocks pass mostly entries near the ceiling (the screen's band), which
+        # no later trim removes (measured: 10-20% faster maps than trimming again)
+        heavy &= torch.isinf(self.ceiling)
         if not bool(heavy.any()):
             return False
         soft = torch.maximum(kth(), near)
