@@ -63,7 +63,7 @@ DEFAULT_MAX_MEMORY = 512 * 2**20
 EXACT_SEEDS = 8  # parameter-space candidates whose errors bound the exact search's best at its start
 AUTO_EXACT_WORK = 2.7e11
 """``refine="auto"`` searches exactly when ``N^3 M`` (multiply-adds) is at most this: about 4 s on two CPU cores
-(1.6 s with bfloat16 units, ``docs/maths.md``)."""
+(1.5 s with bfloat16 units, ``docs/maths.md``)."""
 
 
 @dataclass
