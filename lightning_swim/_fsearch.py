@@ -25,7 +25,7 @@ lies within the tolerance or the soft window of the best error found so far is k
 the best improves), so the argmin, the ambiguity counts and the soft attribution are exact.
 
 Where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), the torch search *screens* each
-block: the cosines of the unit-normalised ``h`` and ``a`` come from one bfloat16 GEMM (about 5x the
+block: the cosines of the unit-normalised ``h`` and ``a`` come from one bfloat16 GEMM (4-5x the
 float32 rate on the AVX512-BF16 EPYC this was measured on), whose error is at most
 :func:`screen_slack` (bfloat16 rounding of both factors and of the result, float32 accumulation),
 and only the (pair, neuron) entries whose screened cosine is within that slack of the window are
@@ -358,7 +358,6 @@ def exact_candidates(
             "refine='function'."
         )
     layer = _Layer(x, act, a, backend)
-    search = _Search(layer, threshold, bound, near, n_cheapest)
     screened = backend == "torch" and screens(x)
     if backend == "keops":  # no [N, N] arrays: blocks of anchors as large as the [B, N, M] outputs allow
         block = max(1, min(N, max_memory // (x.element_size() * 4 * N * (M + 1))))
@@ -366,7 +365,8 @@ def exact_candidates(
     else:
         block = _block_size(N, M, x.element_size(), max_memory, screened)
         work = torch.empty(block * N * N, dtype=x.dtype, device=x.device)
-    search.work_bf16 = torch.empty(len(work) if screened else 0, dtype=torch.bfloat16, device=x.device)
+    work_bf16 = torch.empty(len(work) if screened else 0, dtype=torch.bfloat16, device=x.device)
+    search = _Search(layer, threshold, bound, near, n_cheapest, work_bf16)
     parts: list[Candidates] = []
     counts = torch.zeros(M, dtype=torch.long, device=x.device)
     for s in range(0, N, block):
@@ -395,12 +395,12 @@ class _Search:
         bound: Tensor,
         near: Callable[[Tensor], Tensor] | None,
         n_cheapest: int,
+        work_bf16: Tensor,
     ) -> None:
-        x = layer.x
         self.layer, self.threshold, self.near, self.k = layer, threshold, near, n_cheapest
-        self.best = bound.to(x.dtype).clone()
+        self.best = bound.to(layer.x.dtype).clone()
         self.ceiling = torch.full_like(self.best, float("inf"))
-        self.work_bf16 = torch.empty(0, dtype=torch.bfloat16, device=x.device)  # the screen's buffer
+        self.work_bf16 = work_bf16  # the screen's buffer, reused by every block
 
     def limit(self) -> Tensor:
         """The largest error kept now, per neuron."""

@@ -98,6 +98,25 @@ def train_mlp(
             loss_fn(model(x), y).backward()
             opt.step()
         return model
+    return train(model, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, opt=opt, generator=g)
+
+
+def train(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    epochs: int,
+    lr: float = 1e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+    opt: torch.optim.Optimizer | None = None,
+    generator: torch.Generator | None = None,
+) -> nn.Module:
+    """Minibatch Adam on ``model`` (cross-entropy for integer targets, MSE otherwise), shuffled by ``seed``."""
+    opt = opt or torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = nn.functional.cross_entropy if not y.is_floating_point() else nn.functional.mse_loss
+    g = generator or torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=g)
         for s in range(0, len(x), batch_size):
@@ -106,3 +125,15 @@ def train_mlp(
             loss_fn(model(x[idx]), y[idx]).backward()
             opt.step()
     return model
+
+
+def pairmap_fields(idx_from: list[int], idx_to: list[int], m: int | None = None) -> dict[str, Tensor]:
+    """The tensors of a plain :class:`~lightning_swim.PairMap` on given pairs (scale 1, costs 0)."""
+    m = len(idx_from) if m is None else m
+    return dict(
+        idx_from=torch.tensor(idx_from),
+        idx_to=torch.tensor(idx_to),
+        scale=torch.ones(m),
+        param_cost=torch.zeros(m),
+        func_error=torch.zeros(m),
+    )

@@ -4,33 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import pairmap_fields
 from torch import nn
 
 from lightning_swim import PairImportanceMonitor, PairMap, map_layer, sample_pairs, swim_neurons, transport_map
 from lightning_swim._checks import check_layer_width, check_model, check_pairmap, check_positive_finite, split_probe
 
 
-def _pm(i, j, m=None):
-    m = len(i) if m is None else m
-    return dict(
-        idx_from=torch.tensor(i),
-        idx_to=torch.tensor(j),
-        scale=torch.ones(m),
-        param_cost=torch.zeros(m),
-        func_error=torch.zeros(m),
-    )
-
-
 class TestPairMap:
     @pytest.mark.parametrize(
         ("fields", "match"),
         [
-            (_pm([0, 1], [1]), "one length"),
-            (_pm([0, 1], [1, 2], m=3), "one length"),
-            (_pm([0, -2], [1, 2]), ">= -1"),
-            (_pm([0, -1], [1, 2]), "-1 for the same"),
-            ({**_pm([0], [1]), "idx_from": torch.tensor([0.0])}, "integer indices"),
-            ({**_pm([0], [1]), "scale": torch.ones(1, 1)}, "1D tensor"),
+            (pairmap_fields([0, 1], [1]), "one length"),
+            (pairmap_fields([0, 1], [1, 2], m=3), "one length"),
+            (pairmap_fields([0, -2], [1, 2]), ">= -1"),
+            (pairmap_fields([0, -1], [1, 2]), "-1 for the same"),
+            ({**pairmap_fields([0], [1]), "idx_from": torch.tensor([0.0])}, "integer indices"),
+            ({**pairmap_fields([0], [1]), "scale": torch.ones(1, 1)}, "1D tensor"),
         ],
     )
     def test_malformed_pairmap_is_refused_when_built(self, fields, match):
@@ -38,7 +28,7 @@ class TestPairMap:
             PairMap(**fields)
 
     def test_indices_beyond_the_probe_set_are_named(self):
-        pm = PairMap(**_pm([0, 7], [1, 2]))
+        pm = PairMap(**pairmap_fields([0, 7], [1, 2]))
         check_pairmap(pm, 8)
         with pytest.raises(ValueError, match="point 7 but the probe set has 5 points"):
             check_pairmap(pm, 5)

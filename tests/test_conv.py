@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import train
 from torch import Tensor, nn
 
 from lightning_swim import convert_network, fidelity, load_history, map_network
@@ -230,26 +231,13 @@ def _digits_cnn(seed: int = 0, width: tuple[int, int, int] = (8, 16, 32)) -> nn.
     return model
 
 
-def _train(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, seed: int = 0, lr: float = 3e-3) -> nn.Module:
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for s in range(0, len(x), 64):
-            idx = perm[s : s + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model
-
-
 class TestDigitsCNN:
     """A small digits CNN: keep-mode fidelity per layer and whole, each above its random-pairs baseline."""
 
     def test_fidelity_and_passes(self):
         xtr, ytr, xte, yte = digits()
         xtr, xte = xtr.view(-1, 1, 8, 8), xte.view(-1, 1, 8, 8)
-        model = _train(_digits_cnn(), xtr, ytr, epochs=12)
+        model = train(_digits_cnn(), xtr, ytr, epochs=12, lr=3e-3, batch_size=64)
         with torch.no_grad():
             assert float((model(xte).argmax(1) == yte).float().mean()) > 0.93
         probe = xtr[:256]

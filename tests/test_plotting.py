@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import MLPModule, trainer
+from helpers import MLPModule, pairmap_fields, trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 
@@ -27,15 +27,7 @@ def _where(image, rgb):
 
 
 def _pairmap(idx_from, idx_to):
-    m = len(idx_from)
-    return PairMap(
-        idx_from=torch.tensor(idx_from),
-        idx_to=torch.tensor(idx_to),
-        scale=torch.ones(m),
-        param_cost=torch.zeros(m),
-        func_error=torch.zeros(m),
-        activation="relu",
-    )
+    return PairMap(**pairmap_fields(idx_from, idx_to), activation="relu")
 
 
 def _rgb_points(colours):
