@@ -579,8 +579,9 @@ def summarise(
     n_near = torch.zeros(n_neurons, dtype=torch.long, device=m.device).index_add_(0, m, near.long())
     n_pts = torch.zeros(n_neurons, dtype=torch.long, device=m.device)
     if bool(near.any()):
-        pts = torch.unique(torch.stack([torch.cat([m[near], m[near]]), torch.cat([i[near], j[near]])]), dim=1)
-        n_pts.index_add_(0, pts[0], torch.ones_like(pts[0]))
+        n = int(torch.maximum(i, j).max()) + 1  # (neuron, point) as one integer key
+        pts = torch.unique(torch.cat([m[near] * n + i[near], m[near] * n + j[near]]))
+        n_pts.index_add_(0, pts // n, torch.ones_like(pts))
     tau = temperature * e_star + 16 * torch.finfo(e.dtype).eps
     gap = (e - e_star) / tau
     rank = torch.arange(len(m), device=m.device) - start.repeat_interleave(torch.bincount(m, minlength=n_neurons))

@@ -105,9 +105,39 @@ def _f(fam: Family, d2: Tensor, sq_i: Tensor, sq_j: Tensor, v_i: Tensor, v_j: Te
     return _f_terms(fam, *_pair_terms(fam, d2, sq_i, sq_j), v_i, v_j, gamma)
 
 
+_INT_OF_SIZE = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
 def duplicate_groups(x: Tensor) -> Tensor:
-    """An id per point, equal for coincident points: ``[N]`` int64."""
-    return torch.unique(x, dim=0, return_inverse=True)[1]
+    """An id per point, equal for coincident points: ``[N]`` int64, the ids ``0, ..., G - 1`` of the ``G``
+    distinct points (``x[i]`` and ``x[j]`` coincide where every coordinate compares equal).
+
+    Rows are grouped by :func:`_row_keys`, and every row is compared with the first of its group; a
+    collision (or a NaN) falls back to ``torch.unique``'s row comparison (the same groups, slower: it
+    compares rows one slice at a time).
+    """
+    n = x.shape[0]
+    if n == 0 or x[0].numel() == 0:
+        return torch.zeros(n, dtype=torch.long, device=x.device)
+    flat = x.reshape(n, -1)
+    _, inverse = torch.unique(_row_keys(flat), return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), n, dtype=torch.long, device=x.device)
+    first.scatter_reduce_(0, inverse, torch.arange(n, device=x.device), reduce="amin")
+    if not bool((flat == flat[first[inverse]]).all()):
+        return torch.unique(flat, dim=0, return_inverse=True)[1]
+    return inverse
+
+
+_INT_OF_SIZE = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
+def _row_keys(flat: Tensor) -> Tensor:
+    """A hash of each row of ``flat [N, D]``, ``[N]`` int64: its coordinates' bits (``-0.0`` read as
+    ``0.0``) times fixed odd multipliers, summed modulo ``2^64``. Integer sums do not depend on their
+    order, so coincident rows get one key."""
+    bits = (flat + 0).contiguous().view(_INT_OF_SIZE[flat.element_size()]).long()  # + 0: -0.0 -> 0.0
+    odd = torch.randint(-(2**62), 2**62, (flat.shape[1],), generator=torch.Generator().manual_seed(0x5EED)) | 1
+    return (bits * odd.to(bits.device)).sum(1)  # wraps around
 
 
 class _Distances:

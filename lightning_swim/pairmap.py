@@ -565,8 +565,10 @@ def _equal_errors_for_duplicates(cand: Candidates, groups: Tensor) -> Candidates
 
 def _unique_pairs(cand: Candidates) -> Candidates:
     """Drop repeated ``(m, i, j)`` entries (local search may rediscover a candidate)."""
-    key = torch.stack([cand.m, cand.i, cand.j])
-    _, inverse = torch.unique(key, dim=1, return_inverse=True)
+    if len(cand.m) == 0:
+        return cand
+    n = int(torch.maximum(cand.i, cand.j).max()) + 1
+    _, inverse = torch.unique((cand.m * n + cand.i) * n + cand.j, return_inverse=True)  # (m, i, j) as one key
     first = torch.full((int(inverse.max()) + 1,), len(inverse), dtype=torch.long, device=inverse.device)
     first.scatter_reduce_(0, inverse, torch.arange(len(inverse), device=inverse.device), reduce="amin")
     return Candidates(cand.m[first], cand.i[first], cand.j[first], cand.err[first])

@@ -182,3 +182,42 @@ class TestDevices:
         cpu = map_layer(w, b, x, top_k=8, backend="torch")
         assert torch.equal(here.idx_from.cpu(), cpu.idx_from) and torch.equal(here.idx_to.cpu(), cpu.idx_to)
         torch.testing.assert_close(here.func_error.cpu(), cpu.func_error, equal_nan=True)  # NaN: dead neurons
+
+
+class TestDuplicateGroups:
+    """``duplicate_groups`` (rows hashed from their bits, then compared) against ``torch.unique``'s row
+    comparison: the same partition, with ids ``0 .. G-1``."""
+
+    @staticmethod
+    def same_partition(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return torch.equal(a[:, None] == a[None, :], b[:, None] == b[None, :])
+
+    @pytest.mark.parametrize("dtype", [torch.float32, F64, torch.float16, torch.bfloat16])
+    def test_partition_against_unique(self, dtype):
+        g = torch.Generator().manual_seed(3)
+        for _ in range(40):
+            n, d = int(torch.randint(1, 50, (1,), generator=g)), int(torch.randint(1, 5, (1,), generator=g))
+            x = (torch.randint(-2, 3, (n, d), generator=g) * 0.5).to(dtype)  # few values: many duplicates
+            x[torch.rand(n, d, generator=g) < 0.2] = -0.0  # equal to 0.0, with other bits
+            ids = _search.duplicate_groups(x)
+            ref = torch.unique(x, dim=0, return_inverse=True)[1]
+            assert self.same_partition(ids, ref)
+            assert sorted(set(ids.tolist())) == list(range(int(ref.max()) + 1))
+
+    def test_collision_and_nan_fall_back(self, monkeypatch):
+        x = torch.tensor([[1.0, 2.0], [2.0, 1.0], [1.0, 2.0], [0.5, 0.5]])
+        ref = torch.unique(x, dim=0, return_inverse=True)[1]
+        # every row one key: the comparison with the first row of the group finds the collision
+        monkeypatch.setattr(_search, "_row_keys", lambda flat: torch.zeros(len(flat), dtype=torch.long))
+        assert self.same_partition(_search.duplicate_groups(x), ref)
+        monkeypatch.undo()
+        x[3, 0] = float("nan")
+        assert self.same_partition(_search.duplicate_groups(x), torch.unique(x, dim=0, return_inverse=True)[1])
+
+    def test_shapes(self):
+        assert _search.duplicate_groups(torch.zeros(0, 3)).shape == (0,)
+        assert _search.duplicate_groups(torch.zeros(3, 0)).tolist() == [0, 0, 0]
+        x = torch.randn(4, 2, 3)  # rows of any shape
+        x[2] = x[0]
+        assert _search.duplicate_groups(x).tolist() == _search.duplicate_groups(x.reshape(4, 6)).tolist()
+        assert _search.duplicate_groups(x)[0] == _search.duplicate_groups(x)[2]
