@@ -404,12 +404,39 @@ def warm_up(
     input dimensions, dtype and search mode, not on the number of probe points: run on a few rows,
     with ``refine="auto"`` resolved for all of ``x``, the search compiles what the maps on ``x`` will
     use, and costs little else. The results are dropped.
+
+    Once per process for the same layers (kinds, shapes, activations, dtype, device), options and
+    probe size: a later call only reads the model (one forward pass of the few rows).
     """
     config = config or AnalysisConfig()
     shard = _check_shard(shard)
     check_positive_int(points, "points", minimum=2)
     reading, chosen = _read(model, x[: min(points, x.shape[0])], config)
+    key = (repr(config), shard, x.shape[0], *(_signature(layer) for layer in chosen))
+    if key in _WARMED:
+        return
     _map_shard(reading, chosen, config, shard, x.shape[0])
+    _WARMED.add(key)
+
+
+_WARMED: set[tuple[Any, ...]] = set()
+"""What :func:`warm_up` has run in this process."""
+
+
+def _signature(layer: LayerReading) -> tuple[Any, ...]:
+    """What the compilations of a layer's search depend on: its kind, shapes, activation, dtype and device."""
+    w = layer.module.weight
+    inputs = None if layer.input is None else (tuple(layer.input.shape[1:]), layer.input.dtype)
+    return (
+        layer.name,
+        type(layer.module),
+        repr(layer.activation),
+        layer.fold is not None,
+        inputs,
+        w.shape,
+        w.dtype,
+        w.device,
+    )
 
 
 def merge_shards(parts: Sequence[MapShard]) -> dict[str, PairMap]:

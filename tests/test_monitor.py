@@ -285,6 +285,28 @@ def _custom_scalar_layout(log_dir: Path) -> bool:
     return False
 
 
+class TestWarmUp:
+    def test_once_per_process_for_the_same_layers_and_options(self, data, monkeypatch):
+        from lightning_swim import analysis
+
+        monkeypatch.setattr(analysis, "_WARMED", set())
+        ran: list[tuple[int, int]] = []
+        real = analysis._map_shard
+        monkeypatch.setattr(analysis, "_map_shard", lambda *a: ran.append(a[3]) or real(*a))
+        x = data[0][:64]
+        net = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.ReLU(), torch.nn.Linear(8, 10))
+        analysis.warm_up(net, x)
+        analysis.warm_up(net, x)
+        analysis.warm_up(copy.deepcopy(net), x)  # another model of the same layers: nothing new to compile
+        assert ran == [(0, 1)]
+        analysis.warm_up(net, x, shard=(1, 2))  # another share
+        analysis.warm_up(net, x[:32])  # another probe size (refine="auto" may choose another search)
+        analysis.warm_up(net, x, config=analysis.AnalysisConfig(refine="function"))
+        analysis.warm_up(torch.nn.Sequential(torch.nn.Linear(64, 9), torch.nn.Tanh(), torch.nn.Linear(9, 10)), x)
+        analysis.warm_up(net.double(), x.double())
+        assert len(ran) == 6
+
+
 class TestNeverDisturbsTraining:
     def _weights_after(self, tmp_path, data, callbacks):
         x, y = data

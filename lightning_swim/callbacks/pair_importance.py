@@ -141,22 +141,22 @@ class PairImportanceMonitor(Callback):
     :func:`~lightning_swim.load_history`), next to ``probe.npz``.
 
     **Schedule.** By default ``n_maps`` maps (20) are planned at fit start over the fit's
-    ``trainer.estimated_stepping_batches`` optimizer steps ``T``: the first at step 0 (before
-    training), the last at step ``T`` (fit end), evenly spaced between (``spacing="linear"``: every
+    ``trainer.estimated_stepping_batches`` optimizer steps ``T``: the first at step 0 (before training),
+    the last at step ``T`` (fit end), evenly spaced between (``spacing="linear"``: every
     ``T / (n_maps - 1)`` steps) or evenly in ``log(step)`` (``spacing="log"``: denser early). The plan
-    is thinned only if the maps would take more than ``max_overhead`` of the training time: before
-    each planned map after the first, and after each map, the measured cost of the last map and the
-    training time per step so far give the projected total, and the monitor keeps every ``s``-th
-    planned map (and the last) with the smallest ``s`` that fits (a map due at a step that is no
-    longer kept is skipped). Every map is a planned one, so no two maps are ever closer than
-    the planned spacing. What a first map compiles (KeOps formulas, compiled kernels) is compiled at
-    fit start by a warm-up on a few probe rows (:func:`~lightning_swim.analysis.warm_up`) and is not
-    charged to the budget. The plan is reported at fit start, a thinning when it first happens, and
-    the maps made at fit end (``rank_zero_info``). A fit that ends early (early stopping) gets its
-    map at fit end all the same. A run resumed from a checkpoint continues the same plan (a fit of
-    another length is re-planned for the steps left). With ``every_n_train_steps`` or
-    ``every_n_epochs`` the maps follow that frequency instead (plus fit start and end), with no
-    budget. A fit of unknown length (``max_epochs=-1``) plans maps at steps 0, 32, 64, 128, ...
+    is thinned only if the maps would take more than ``max_overhead`` of the training time: before each planned map
+    after the first, and after each map, the measured cost of the last map and the training time per
+    step so far give the projected total, and the monitor keeps every ``s``-th planned map (and the
+    last) with the smallest ``s`` that fits (a map due at a step that is no longer kept is skipped).
+    Every map is a planned one, so no two maps are ever closer than the planned spacing. What a first
+    map compiles (KeOps formulas, compiled kernels) is compiled at fit start by a warm-up on a few probe
+    rows (:func:`~lightning_swim.analysis.warm_up`; once per process for the same layers and options)
+    and is not charged to the budget. The plan is reported at fit start, a thinning when it first
+    happens, and the maps made at fit end (``rank_zero_info``). A fit that ends early (early stopping)
+    gets its map at fit end all the same. A run resumed from a checkpoint continues the same plan (a fit
+    of another length is re-planned for the steps left). With ``every_n_train_steps`` or
+    ``every_n_epochs`` the maps follow that frequency instead (plus fit start and end), with no budget.
+    A fit of unknown length (``max_epochs=-1``) plans maps at steps 0, 32, 64, 128, ...
 
     **Data.** The probe set is given, or drawn once from the train dataset with the monitor's own
     generator (``seed``) and then fixed for the whole run, so that maps are comparable; labels are kept
