@@ -285,6 +285,22 @@ def _custom_scalar_layout(log_dir: Path) -> bool:
     return False
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (558, 340)])
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+def test_png_encoder_round_trips_every_pixel(shape, mode):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (*shape, len(mode)), dtype=np.uint8)
+    image = Image.fromarray(pixels.squeeze(-1) if mode == "L" else pixels, mode=mode)
+    back = Image.open(io.BytesIO(pair_importance._png(image)))
+    back.load()
+    assert back.format == "PNG" and back.mode == "RGB" and back.size == image.size
+    assert np.array_equal(np.asarray(back), np.asarray(image.convert("RGB")))
+
+
 class TestWarmUp:
     def test_once_per_process_for_the_same_layers_and_options(self, data, monkeypatch):
         from lightning_swim import analysis
