@@ -553,9 +553,13 @@ def summarise(
     rtol: float,
     temperature: float,
     max_soft: int,
+    tie: float = 0.0,
 ) -> SoftResult:
     r"""Best pair, ambiguity and soft attribution of every neuron from its candidate pairs.
 
+    - ties: an error within ``tie`` of its neuron's smallest is that error (``tie``: the rounding
+      bound of the errors' computation, under which pairs of one function, e.g. of collinear points,
+      can differ);
     - best: the smallest error; ties go to the smallest ``(i, j)`` in lexicographic order;
     - ``n_near``: pairs with :math:`e \le e^* + \mathrm{atol} + \mathrm{rtol}\, e^*`, and
       ``n_near_points`` the distinct points they use;
@@ -566,8 +570,13 @@ def summarise(
 
     Every neuron must have at least one candidate.
     """
-    order = _lexsort(cand.m, cand.err, cand.i, cand.j)
-    m, i, j, e = cand.m[order], cand.i[order], cand.j[order], cand.err[order]
+    err = cand.err
+    if tie > 0 and len(err):
+        least = torch.full((n_neurons,), float("inf"), dtype=err.dtype, device=err.device)
+        least = least.scatter_reduce_(0, cand.m, err, reduce="amin")[cand.m]
+        err = torch.where(err <= least + tie, least, err)
+    order = _lexsort(cand.m, err, cand.i, cand.j)
+    m, i, j, e = cand.m[order], cand.i[order], cand.j[order], err[order]
     first = torch.ones_like(m, dtype=torch.bool)
     first[1:] = m[1:] != m[:-1]
     if int(first.sum()) != n_neurons:

@@ -62,6 +62,10 @@ STATUS = ("mapped", "zero_weights", "non_finite", "dead")
 DEFAULT_MAX_MEMORY = 512 * 2**20
 EXACT_SEEDS = 8  # parameter-space candidates whose errors bound the exact search's best at its start
 AUTO_EXACT_WORK = 2.7e11
+TIE_ROUNDING = 4
+"""Errors of one neuron's pairs within ``TIE_ROUNDING (N + 2) eps`` of its best are ties of the best
+(:func:`~lightning_swim._fsearch.summarise`): twice the rounding bound of an error computed from inner
+products over ``N`` probe points, under which pairs of one function (collinear points) can differ."""
 """``refine="auto"`` searches exactly when ``N^3 M`` (multiply-adds) is at most this: about 4 s on two CPU cores
 (1.5 s with bfloat16 units, ``docs/maths.md``)."""
 
@@ -351,8 +355,9 @@ def map_layer(
 
     - ``"exact"``: the ordered pair of distinct probe points that minimises the function-space error
       (the relative error of the best rescaled SWIM neuron on the probe set; the factor is
-      non-negative for homogeneous activations and tanh) over all :math:`N(N-1)` pairs; ties go to the
-      smallest ``(i, j)``. :math:`O(N^3 M)` multiply-adds in GEMMs (in bfloat16 behind a proven error
+      non-negative for homogeneous activations and tanh) over all :math:`N(N-1)` pairs; ties (errors
+      within :data:`TIE_ROUNDING` :math:`(N + 2)\,\epsilon` of the best: rounding) go to the smallest
+      ``(i, j)``. :math:`O(N^3 M)` multiply-adds in GEMMs (in bfloat16 behind a proven error
       bound, the entries near the window computed again exactly, where the CPU has bf16 units).
     - ``"function"``: the exact ``top_k`` pairs in parameter space (stage 1, :math:`O(N^2 M)`) re-ranked
       in function space, then ``local_search`` sweeps of coordinate descent. Not exact.
@@ -471,9 +476,10 @@ def _map_alive(
     fam = _search.Family.of(act)
     v, gamma, c0 = _search.neuron_terms(w, b, x, act)
     tau0 = 16 * torch.finfo(x.dtype).eps
+    tie = TIE_ROUNDING * (x.shape[0] + 2) * torch.finfo(x.dtype).eps  # errors closer than this are ties
 
     def threshold(best: Tensor) -> Tensor:
-        return best + torch.maximum(atol + rtol * best, SOFT_CUT * (temperature * best + tau0))
+        return best + torch.maximum(atol + rtol * best, SOFT_CUT * (temperature * best + tau0)).clamp_min(tie)
 
     fmin, _ = _search.rowmin(x, v, gamma, fam, backend=str(opts["backend"]), max_memory=max_memory)
     kk = {"exact": EXACT_SEEDS, "function": int(opts["top_k"]), "none": 1}[mode]
@@ -484,17 +490,22 @@ def _map_alive(
             0, cand.m, cand.err, reduce="amin"
         )
         max_kept = max(MAX_KEPT, 2 * int(opts["max_soft"]))
-        keep = {"max_kept": max_kept, "near": threshold_fn(atol, rtol), "n_cheapest": int(opts["max_soft"])}
+        near = threshold_fn(atol, rtol)
+        keep = {
+            "max_kept": max_kept,
+            "near": None if near is None else (lambda best: torch.maximum(near(best), best + tie)),
+            "n_cheapest": int(opts["max_soft"]),
+        }
         cand = _exact(x, act, a, threshold, bound, max_memory, str(opts["backend"]), keep)
     else:
         sweeps = int(opts["local_search"])
         if mode == "function" and sweeps:
-            first = summarise(cand, M, atol=atol, rtol=rtol, temperature=temperature, max_soft=1)
+            first = summarise(cand, M, atol=atol, rtol=rtol, temperature=temperature, max_soft=1, tie=tie)
             more = _local_search(x, act, a, first.best_i, first.best_j, first.best_err, sweeps, max_memory)
             cand = Candidates(*(torch.cat([getattr(cand, f), getattr(more, f)]) for f in ("m", "i", "j", "err")))
             cand = _unique_pairs(cand)
     cand = _equal_errors_for_duplicates(cand, _search.duplicate_groups(x))
-    res = summarise(cand, M, atol=atol, rtol=rtol, temperature=temperature, max_soft=int(opts["max_soft"]))
+    res = summarise(cand, M, atol=atol, rtol=rtol, temperature=temperature, max_soft=int(opts["max_soft"]), tie=tie)
     i, j = res.best_i, res.best_j
     err, c = _fit(act(_preactivation(x, i, j, act)), a.T, sign_free(act))
     if mode == "none":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import warnings
@@ -429,14 +430,19 @@ class TestDeadNeuronsAndImportance:
         torch.testing.assert_close(sums[pm.valid], torch.ones(int(pm.valid.sum()), dtype=F64))
         assert bool((sums[~pm.valid] == 0).all())
 
-    def test_soft_importance_spreads_exact_ties_evenly(self):
-        x = torch.tensor([[0.0], [1.0], [0.0], [2.0]], dtype=F64)  # points 0 and 2 coincide
-        w, b = swim_neurons(x[[0]], x[[1]])  # relu(x): (0, 1), (0, 3), (2, 1), (2, 3) all give it exactly
-        pm = map_layer(w, b, x, refine="exact")
-        assert int(pm.n_near[0]) == 4 and int(pm.n_near_points[0]) == 4
-        soft, hard = pair_importance(pm, 4, soft=True), pair_importance(pm, 4, soft=False)
-        torch.testing.assert_close(soft, torch.full((4,), 0.25, dtype=F64))
-        torch.testing.assert_close(hard, torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=F64))
+    @pytest.mark.parametrize("dtype", [F64, torch.float32])
+    def test_soft_importance_spreads_exact_ties_evenly(self, dtype):
+        # points 0 and 2 coincide, and the four pairs (0, 1), (0, 3), (2, 1), (2, 3) give the neuron exactly:
+        # the collinear pairs (0, 1) and (0, 3) only up to rounding, which alone split the weight unevenly
+        # in 14 of these 36 layouts before errors within the rounding bound were made ties
+        for far, near, scale in itertools.product([1.0, 0.7, 1.3, 3.1], [2.0, 2.5, 4.2], [1.0, 0.1, 7.0]):
+            x = (torch.tensor([[0.0], [far], [0.0], [near]], dtype=F64) * scale).to(dtype)
+            w, b = swim_neurons(x[[0]], x[[1]])
+            pm = map_layer(w, b, x, refine="exact")
+            assert int(pm.n_near[0]) == 4 and int(pm.n_near_points[0]) == 4
+            soft, hard = pair_importance(pm, 4, soft=True), pair_importance(pm, 4, soft=False)
+            torch.testing.assert_close(soft, torch.full((4,), 0.25, dtype=F64))
+            torch.testing.assert_close(hard, torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=F64))  # the smallest (i, j)
 
 
 class TestTurnover:
