@@ -37,6 +37,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,15 @@ class CpuKernel:
             fn.argtypes = [i64, i64, *[ptr] * 4, dbl, ptr, ptr, c_int]
             fn.restype = None
             self._unit[dtype] = fn
+        lib.ls_screen_counts.argtypes = [i64, i64, *[ptr] * 4, c_int]
+        lib.ls_screen_counts.restype = c_int
+        self._screen_counts = lib.ls_screen_counts
+        self._screen_exact = {}
+        for dtype, name in ((torch.float32, "ls_screen_exact_f32"), (torch.float64, "ls_screen_exact_f64")):
+            fn = getattr(lib, name)
+            fn.argtypes = [i64, i64, i64, *[ptr] * 8, c_int]
+            fn.restype = None
+            self._screen_exact[dtype] = fn
         lib.ls_neuron_block.argtypes = [i64]
         lib.ls_neuron_block.restype = i64
         if any(NEURON_PAD % lib.ls_neuron_block(s) for s in (4, 8)):  # pragma: no cover - a foreign build
@@ -210,6 +220,47 @@ class CpuKernel:
             out_bf16.data_ptr(),
             torch.get_num_threads(),
         )
+
+    def screen(
+        self,
+        chat: Tensor,
+        thr: Tensor,
+        h: Tensor,
+        a_t: Tensor,
+        trim: Callable[[Tensor], Tensor | None] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The screen of the exact search: ``(p, m, cos)`` of every entry of ``chat`` with
+        ``chat[p, m] >= thr[m]``, row-major (as ``nonzero`` orders them), and its cosine computed again
+        exactly, ``cos = <h[p], a_t[m]>`` (as one sampled product gives it).
+
+        ``chat [P, M]`` is contiguous bfloat16, ``thr [M]`` float32 (compared in float32); ``h [P, N]`` and
+        ``a_t [M, N]`` are contiguous CPU tensors of one floating dtype. ``trim``, given the number of
+        entries of each neuron ``[M]``, may return lower thresholds ``[M]`` (those entries are then
+        returned), or None.
+        """
+        P, M = chat.shape
+        rows, neurons = torch.empty(P, dtype=torch.long), torch.empty(M, dtype=torch.long)
+        self._count(chat, thr, rows, neurons)
+        if trim is not None and (trimmed := trim(neurons)) is not None:
+            thr = trimmed.contiguous()
+            self._count(chat, thr, rows, neurons)
+        offsets = torch.cumsum(rows, 0) - rows
+        k = int(neurons.sum())
+        p, m, cos = torch.empty(k, dtype=torch.long), torch.empty(k, dtype=torch.long), torch.empty(k, dtype=h.dtype)
+        self._screen_exact[h.dtype](
+            P,
+            M,
+            h.shape[1],
+            *(t.data_ptr() for t in (chat, thr, offsets, h, a_t, p, m, cos)),
+            torch.get_num_threads(),
+        )
+        return p, m, cos
+
+    def _count(self, chat: Tensor, thr: Tensor, rows: Tensor, neurons: Tensor) -> None:
+        P, M = chat.shape
+        ptrs = (t.data_ptr() for t in (chat, thr, rows, neurons))
+        if self._screen_counts(P, M, *ptrs, torch.get_num_threads()) != 0:  # pragma: no cover - out of memory
+            raise MemoryError("the CPU kernel could not allocate its per-thread neuron counts")
 
 
 def _load(cache: Path) -> CpuKernel:

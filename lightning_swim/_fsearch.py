@@ -135,6 +135,7 @@ class _Layer:
         self.free_sign = sign_free(act)
         self.unit_a = a * self.inv_aa.sqrt()
         self.unit_a_bf16 = self.unit_a.to(torch.bfloat16)
+        self.unit_a_t = self.unit_a.T.contiguous()
 
     def gram_rows(self, rows: Tensor) -> Tensor:
         return self.gram[rows] if self.gram is not None else self.x[rows] @ self.x.T
@@ -442,7 +443,7 @@ class _Search:
         """``(b, j, m, q)`` of a superset of the block's entries within the limit: those whose bfloat16
         cosine passes the limit less :func:`screen_slack`, with ``q`` computed again exactly."""
         layer = self.layer
-        N, M = layer.a.shape
+        N = layer.a.shape[0]
         hn, hb, bad = layer.unit_neurons(rows, work, self.work_bf16)  # [B N, N] unit rows; bad: [B N]
         chat = hb @ layer.unit_a_bf16  # [B N, M] cosines within eps
         if layer.free_sign:
@@ -458,17 +459,63 @@ class _Search:
             c = chat.topk(self.k, dim=0).values[-1].to(self.best.dtype) - eps
             return 1 - c.clamp(0, 1).square()
 
-        p, m = (chat >= screen_cosines()).nonzero(as_tuple=True)
-        if self._trim(torch.bincount(m, minlength=M), chat.shape[0], kth):
-            ok = chat[p, m] >= screen_cosines()[m]
-            p, m = p[ok], m[ok]
-        cos = _sampled(hn, layer.unit_a, p, m)
+        def trim(counts: Tensor) -> Tensor | None:  # the screen's thresholds after a trim, or None
+            return screen_cosines() if self._trim(counts, chat.shape[0], kth) else None
+
+        kernel = _screen_kernel(layer.x)
+        screen = kernel.screen if kernel is not None else _screen_torch
+        p, m, cos = screen(chat, screen_cosines(), hn, layer.unit_a_t, trim)
         q = cos.abs() if layer.free_sign else cos.clamp_min(0)
         q = q.square()
         if len(q):
             top = torch.full_like(self.best, float("-inf")).scatter_reduce_(0, m, q, reduce="amax")
             self.best = torch.minimum(self.best, 1 - top)
         return p // N, p % N, m, q
+
+
+def _screen_torch(
+    chat: Tensor, thr: Tensor, h: Tensor, a_t: Tensor, trim: Callable[[Tensor], Tensor | None] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The twin of :meth:`lightning_swim._cpu_kernel.CpuKernel.screen`: the entries of ``chat`` at least
+    ``thr`` (or the thresholds ``trim`` returns from their counts), and their exact cosines."""
+    p, m = (chat >= thr).nonzero(as_tuple=True)
+    if trim is not None and (lower := trim(torch.bincount(m, minlength=chat.shape[1]))) is not None:
+        ok = chat[p, m] >= lower[m]
+        p, m = p[ok], m[ok]
+    return p, m, _sampled(h, a_t.T, p, m)
+
+
+def _screen_kernel(x: Tensor) -> Any:
+    """The compiled screen for ``x``'s dtype, or None where it does not apply (other devices or dtypes) or
+    is unavailable; checked once against its torch twin."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    if "screen" not in _unit_checked:
+        _unit_checked["screen"] = None
+        try:
+            kernel = _search.cpu_kernel()
+        except CpuKernelUnavailableError:
+            return None
+        _unit_checked["screen"] = kernel if _screen_agrees(kernel) else None
+    return _unit_checked["screen"]
+
+
+def _screen_agrees(kernel: Any) -> bool:
+    """Whether the compiled screen gives its twin's entries, and their cosines to rounding, in both dtypes,
+    with and without a trim, on rows excluded (-inf) and neurons whose threshold passes every entry."""
+    g = torch.Generator().manual_seed(0)
+    thr = torch.tensor([0.5, -1e30, 0.0, 2.0, -0.25])
+    ok = True
+    for dtype in (torch.float32, torch.float64):
+        h = torch.randn(37, 23, generator=g, dtype=torch.float64).to(dtype)
+        a_t = torch.randn(5, 23, generator=g, dtype=torch.float64).to(dtype)
+        chat = (h @ a_t.T / 8).to(torch.bfloat16)
+        chat[[3, 30]] = float("-inf")
+        for trim in (None, lambda counts: thr + 0.25 * (counts > 3)):
+            want, got = _screen_torch(chat, thr, h, a_t, trim), kernel.screen(chat, thr, h, a_t, trim)
+            ok &= torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2].shape == want[2].shape
+            ok &= ok and bool(torch.allclose(got[2], want[2], rtol=1e-5, atol=1e-5))
+    return ok
 
 
 def _sampled(h: Tensor, a: Tensor, p: Tensor, m: Tensor) -> Tensor:

@@ -557,3 +557,70 @@ def test_soft_importance_is_the_same_at_other_probe_orders_dtypes_and_top_k():
     # what the exact, soft default fixes: re-ranked candidates depend on how many there are
     a, c = quiet_map(w, b, x, refine="function", top_k=16), quiet_map(w, b, x, refine="function", top_k=128)
     assert spearmanr(importance(a, soft=False), importance(c, soft=False))[0] < 0.9
+
+
+class TestScreenKernel:
+    """The compiled screen (the entries of a block that pass, and their exact cosines) against its torch twin."""
+
+    @staticmethod
+    def kernel():
+        from lightning_swim import _fsearch
+
+        kern = _fsearch._screen_kernel(torch.zeros(2, 2))
+        if kern is None:
+            if os.environ.get("LIGHTNING_SWIM_REQUIRE_CPU_KERNEL") == "1":
+                raise AssertionError("the compiled CPU kernel is required here")
+            pytest.skip("the compiled CPU kernel is not available here")
+        return kern
+
+    @pytest.mark.parametrize("dtype", [F64, torch.float32])
+    @pytest.mark.parametrize("seed", [0, 1, 2])
+    def test_the_kernel_equals_the_torch_twin(self, dtype, seed):
+        from lightning_swim import _fsearch
+
+        kern = self.kernel()
+        g = torch.Generator().manual_seed(seed)
+        P, M, N = 500 + 37 * seed, 33, 71
+        h = torch.randn(P, N, generator=g, dtype=F64).to(dtype)
+        h /= h.norm(dim=1, keepdim=True)
+        a_t = torch.randn(M, N, generator=g, dtype=F64).to(dtype)
+        a_t /= a_t.norm(dim=1, keepdim=True)
+        chat = (h @ a_t.T).to(torch.bfloat16)
+        chat[torch.rand(P, generator=g) < 0.1] = float("-inf")  # excluded pairs
+        thr = (0.3 * torch.rand(M, generator=g)).float()
+        thr[:3] = torch.tensor([-1e30, 1.5, float(chat[5, 2])])  # every entry, none, one on the threshold
+        for trim in (None, lambda counts: torch.where(counts > 40, thr + 0.1, thr)):
+            p, m, cos = kern.screen(chat, thr, h, a_t, trim)
+            wp, wm, wcos = _fsearch._screen_torch(chat, thr, h, a_t, trim)
+            assert torch.equal(p, wp) and torch.equal(m, wm) and len(p) > 100
+            torch.testing.assert_close(cos, wcos, rtol=0, atol=1e-12 if dtype == F64 else 1e-6)
+            torch.testing.assert_close(cos, (h[p] * a_t[m]).sum(1), rtol=0, atol=1e-12 if dtype == F64 else 1e-6)
+        assert len(kern.screen(chat, torch.full((M,), 2.0), h, a_t)[0]) == 0
+
+    def test_a_kernel_failing_its_self_check_is_not_used(self, monkeypatch):
+        from lightning_swim import _fsearch
+
+        kern = self.kernel()
+        monkeypatch.setattr(_fsearch, "_unit_checked", {})
+        real = type(kern).screen
+        monkeypatch.setattr(type(kern), "screen", lambda *a, **k: tuple(t[:-1] for t in real(*a, **k)))  # drops one
+        assert _fsearch._screen_kernel(torch.zeros(2, 2)) is None
+        w, b, x = layer(40, 3, 5, seed=3)
+        monkeypatch.setattr(_fsearch, "SCREEN", True)
+        pm = quiet_map(w, b, x, refine="exact")  # the torch twin: still the exact answer
+        err = brute_force(w, b, x, "relu").reshape(5, -1)
+        torch.testing.assert_close(pm.func_error[pm.valid], err[pm.valid].min(1).values, rtol=0, atol=1e-10)
+
+    @pytest.mark.parametrize("name", ["relu", "tanh"])
+    def test_the_map_is_the_same_without_the_kernel(self, name, monkeypatch):
+        from lightning_swim import _fsearch
+
+        self.kernel()
+        monkeypatch.setattr(_fsearch, "SCREEN", True)
+        w, b, x = random_layer(90, 5, 7, 11, dtype=F64, duplicates=2, offset=0.3)
+        with_kernel = quiet_map(w, b, x, activation=name, refine="exact", temperature=0.5, atol=0.03)
+        monkeypatch.setattr(_fsearch, "_unit_checked", {"screen": None})
+        without = quiet_map(w, b, x, activation=name, refine="exact", temperature=0.5, atol=0.03)
+        for f in ("idx_from", "idx_to", "n_near", "n_near_points", "soft_neuron", "soft_from", "soft_to"):
+            assert torch.equal(getattr(with_kernel, f), getattr(without, f)), f
+        torch.testing.assert_close(with_kernel.func_error, without.func_error, rtol=0, atol=1e-12, equal_nan=True)

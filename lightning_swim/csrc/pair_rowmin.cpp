@@ -208,6 +208,76 @@ static void unit_neurons(int64_t B, int64_t N, const int64_t* rows, const T* G, 
     }
 }
 
+// The screen of the exact function-space search (lightning_swim/_fsearch.py). chat [P, M] holds bfloat16
+// cosines (their bits), thr [M] float32 thresholds; an entry (p, m) passes where chat[p, m] >= thr[m], compared
+// in float32 (as torch compares a bfloat16 tensor with a float32 one).
+//
+// screen_counts: row_counts[p] and neuron_counts[m], the passing entries of each row and each neuron.
+// screen_exact: for every passing entry, row by row from offsets[p] (the exclusive prefix sum of row_counts),
+// p_out = p, m_out = m and cos_out = <h[p], aT[m]> in T, from the unit rows h [P, N] and the unit neurons
+// aT [M, N]: the cosines the screen bounded, computed again exactly, as one sampled product would.
+static inline float from_bf16(uint16_t b) {
+    const uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, sizeof(f));
+    return f;
+}
+
+static int screen_counts(int64_t P, int64_t M, const uint16_t* chat, const float* thr, int64_t* row_counts,
+                         int64_t* neuron_counts, int nthreads) {
+    int status = 0;
+    for (int64_t m = 0; m < M; m++) neuron_counts[m] = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int64_t* local = (int64_t*)calloc(M > 0 ? M : 1, sizeof(int64_t));
+        if (local == NULL) {
+#pragma omp atomic write
+            status = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < P; p++) {
+            if (local == NULL) continue;
+            const uint16_t* row = chat + p * M;
+            int64_t k = 0;
+            for (int64_t m = 0; m < M; m++) {
+                const int64_t pass = from_bf16(row[m]) >= thr[m];
+                k += pass;
+                local[m] += pass;
+            }
+            row_counts[p] = k;
+        }
+        if (local != NULL) {
+#pragma omp critical
+            for (int64_t m = 0; m < M; m++) neuron_counts[m] += local[m];
+            free(local);
+        }
+    }
+    return status;
+}
+
+template <typename T>
+static void screen_exact(int64_t P, int64_t M, int64_t N, const uint16_t* chat, const float* thr,
+                         const int64_t* offsets, const T* h, const T* aT, int64_t* p_out, int64_t* m_out, T* cos_out,
+                         int nthreads) {
+#pragma omp parallel for schedule(dynamic, 64) num_threads(nthreads)
+    for (int64_t p = 0; p < P; p++) {
+        const uint16_t* row = chat + p * M;
+        const T* hp = h + p * N;
+        int64_t k = offsets[p];
+        for (int64_t m = 0; m < M; m++) {
+            if (!(from_bf16(row[m]) >= thr[m])) continue;
+            const T* am = aT + m * N;
+            T s = 0;
+#pragma omp simd reduction(+ : s)
+            for (int64_t n = 0; n < N; n++) s += hp[n] * am[n];
+            p_out[k] = p;
+            m_out[k] = m;
+            cos_out[k] = s;
+            k++;
+        }
+    }
+}
+
 extern "C" {
 
 // Neurons per register block for an element of `itemsize` bytes: the neuron axis must be padded to a multiple.
@@ -236,5 +306,22 @@ void ls_unit_neurons_f32(int64_t B, int64_t N, const int64_t* rows, const float*
 void ls_unit_neurons_f64(int64_t B, int64_t N, const int64_t* rows, const double* G, const double* r,
                          const double* c, double slope, double* out, uint16_t* out_bf16, int nthreads) {
     unit_neurons<double>(B, N, rows, G, r, c, slope, out, out_bf16, nthreads);
+}
+
+int ls_screen_counts(int64_t P, int64_t M, const uint16_t* chat, const float* thr, int64_t* row_counts,
+                     int64_t* neuron_counts, int nthreads) {
+    return screen_counts(P, M, chat, thr, row_counts, neuron_counts, nthreads);
+}
+
+void ls_screen_exact_f32(int64_t P, int64_t M, int64_t N, const uint16_t* chat, const float* thr,
+                         const int64_t* offsets, const float* h, const float* aT, int64_t* p_out, int64_t* m_out,
+                         float* cos_out, int nthreads) {
+    screen_exact<float>(P, M, N, chat, thr, offsets, h, aT, p_out, m_out, cos_out, nthreads);
+}
+
+void ls_screen_exact_f64(int64_t P, int64_t M, int64_t N, const uint16_t* chat, const float* thr,
+                         const int64_t* offsets, const double* h, const double* aT, int64_t* p_out, int64_t* m_out,
+                         double* cos_out, int nthreads) {
+    screen_exact<double>(P, M, N, chat, thr, offsets, h, aT, p_out, m_out, cos_out, nthreads);
 }
 }
