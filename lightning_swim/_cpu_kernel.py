@@ -38,6 +38,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,20 @@ def _build(cache: Path) -> Path:
     raise CpuKernelUnavailableError(f"the CPU kernel did not compile with {cxx} ({'; '.join(errors)})")
 
 
+@dataclass
+class PwlRows:
+    """The unit rows of :meth:`CpuKernel.unit_neurons` (row ``b N + j``: the pair ``(rows[b], j)``), given by
+    what builds them, for :meth:`CpuKernel.screen` to build again the rows it reads: ``gram [N, N]``,
+    ``rows [B]``, ``r, c [B, N]``, ``slope`` and ``inv [B, N]`` (``1 / |h|``), contiguous."""
+
+    gram: Tensor
+    rows: Tensor
+    r: Tensor
+    c: Tensor
+    slope: float
+    inv: Tensor
+
+
 class CpuKernel:
     """The loaded library, called block by block from :func:`lightning_swim._search.rowmin_torch`."""
 
@@ -143,18 +158,22 @@ class CpuKernel:
         self._unit = {}
         for dtype, name in ((torch.float32, "ls_unit_neurons_f32"), (torch.float64, "ls_unit_neurons_f64")):
             fn = getattr(lib, name)
-            fn.argtypes = [i64, i64, *[ptr] * 4, dbl, ptr, ptr, c_int]
+            fn.argtypes = [i64, i64, *[ptr] * 4, dbl, ptr, ptr, ptr, c_int]
             fn.restype = None
             self._unit[dtype] = fn
         lib.ls_screen_counts.argtypes = [i64, i64, *[ptr] * 4, c_int]
         lib.ls_screen_counts.restype = c_int
         self._screen_counts = lib.ls_screen_counts
-        self._screen_exact = {}
-        for dtype, name in ((torch.float32, "ls_screen_exact_f32"), (torch.float64, "ls_screen_exact_f64")):
-            fn = getattr(lib, name)
+        self._screen_exact, self._screen_exact_pwl = {}, {}
+        for dtype, name in ((torch.float32, "f32"), (torch.float64, "f64")):
+            fn = getattr(lib, f"ls_screen_exact_{name}")
             fn.argtypes = [i64, i64, i64, *[ptr] * 8, c_int]
             fn.restype = None
             self._screen_exact[dtype] = fn
+            fn = getattr(lib, f"ls_screen_exact_pwl_{name}")
+            fn.argtypes = [i64, i64, i64, *[ptr] * 7, dbl, *[ptr] * 5, c_int]
+            fn.restype = c_int
+            self._screen_exact_pwl[dtype] = fn
         lib.ls_neuron_block.argtypes = [i64]
         lib.ls_neuron_block.restype = i64
         if any(NEURON_PAD % lib.ls_neuron_block(s) for s in (4, 8)):  # pragma: no cover - a foreign build
@@ -201,14 +220,23 @@ class CpuKernel:
             raise RuntimeError(f"the CPU kernel refused its arguments (status {status})")
 
     def unit_neurons(
-        self, gram: Tensor, rows: Tensor, r: Tensor, c: Tensor, slope: float, out: Tensor, out_bf16: Tensor
+        self,
+        gram: Tensor,
+        rows: Tensor,
+        r: Tensor,
+        c: Tensor,
+        slope: float,
+        out: Tensor | None,
+        out_bf16: Tensor,
+        inv: Tensor | None = None,
     ) -> None:
         """Fill ``out [B, N, N]`` with the unit SWIM neurons of the pairs ``(rows[b], j)`` of the exact
         search, ``h / |h|`` with ``h = max(z, 0) + slope min(z, 0)``, ``z_bjn = (G_jn - G_{rows[b] n}) r_bj
-        + c_bj``, and ``out_bf16`` with the same rounded to bfloat16 (to nearest even).
+        + c_bj``, ``out_bf16`` with the same rounded to bfloat16 (to nearest even), and ``inv [B, N]`` with
+        ``1 / |h|``; ``out`` or ``inv`` None: not written.
 
-        ``gram [N, N]``, ``r, c [B, N]`` and ``out`` are contiguous CPU tensors of one floating dtype,
-        ``rows [B]`` int64, ``out_bf16 [B, N, N]`` contiguous bfloat16.
+        ``gram [N, N]``, ``r, c [B, N]``, ``out`` and ``inv`` are contiguous CPU tensors of one floating
+        dtype, ``rows [B]`` int64, ``out_bf16 [B, N, N]`` contiguous bfloat16.
         """
         B, N = r.shape
         self._unit[gram.dtype](
@@ -216,8 +244,9 @@ class CpuKernel:
             N,
             *(t.data_ptr() for t in (rows, gram, r, c)),
             slope,
-            out.data_ptr(),
+            out.data_ptr() if out is not None else None,
             out_bf16.data_ptr(),
+            inv.data_ptr() if inv is not None else None,
             torch.get_num_threads(),
         )
 
@@ -225,7 +254,7 @@ class CpuKernel:
         self,
         chat: Tensor,
         thr: Tensor,
-        h: Tensor,
+        h: Tensor | PwlRows,
         a_t: Tensor,
         trim: Callable[[Tensor], Tensor | None] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -233,10 +262,10 @@ class CpuKernel:
         ``chat[p, m] >= thr[m]``, row-major (as ``nonzero`` orders them), and its cosine computed again
         exactly, ``cos = <h[p], a_t[m]>`` (as one sampled product gives it).
 
-        ``chat [P, M]`` is contiguous bfloat16, ``thr [M]`` float32 (compared in float32); ``h [P, N]`` and
-        ``a_t [M, N]`` are contiguous CPU tensors of one floating dtype. ``trim``, given the number of
-        entries of each neuron ``[M]``, may return lower thresholds ``[M]`` (those entries are then
-        returned), or None.
+        ``chat [P, M]`` is contiguous bfloat16, ``thr [M]`` float32 (compared in float32); ``h [P, N]``
+        (or the :class:`PwlRows` that build its rows again) and ``a_t [M, N]`` are contiguous CPU tensors
+        of one floating dtype. ``trim``, given the number of entries of each neuron ``[M]``, may return
+        lower thresholds ``[M]`` (those entries are then returned), or None.
         """
         P, M = chat.shape
         rows, neurons = torch.empty(P, dtype=torch.long), torch.empty(M, dtype=torch.long)
@@ -246,14 +275,25 @@ class CpuKernel:
             self._count(chat, thr, rows, neurons)
         offsets = torch.cumsum(rows, 0) - rows
         k = int(neurons.sum())
-        p, m, cos = torch.empty(k, dtype=torch.long), torch.empty(k, dtype=torch.long), torch.empty(k, dtype=h.dtype)
-        self._screen_exact[h.dtype](
+        p, m, cos = torch.empty(k, dtype=torch.long), torch.empty(k, dtype=torch.long), torch.empty(k, dtype=a_t.dtype)
+        n = a_t.shape[1]
+        if isinstance(h, Tensor):
+            ptrs = (chat, thr, offsets, h, a_t, p, m, cos)
+            self._screen_exact[a_t.dtype](P, M, n, *(t.data_ptr() for t in ptrs), torch.get_num_threads())
+            return p, m, cos
+        before = (chat, thr, offsets, h.rows, h.gram, h.r, h.c)
+        after = (h.inv, a_t, p, m, cos)
+        status = self._screen_exact_pwl[a_t.dtype](
             P,
             M,
-            h.shape[1],
-            *(t.data_ptr() for t in (chat, thr, offsets, h, a_t, p, m, cos)),
+            n,
+            *(t.data_ptr() for t in before),
+            h.slope,
+            *(t.data_ptr() for t in after),
             torch.get_num_threads(),
         )
+        if status != 0:  # pragma: no cover - out of memory for a row
+            raise MemoryError("the CPU kernel could not allocate its per-thread rows")
         return p, m, cos
 
     def _count(self, chat: Tensor, thr: Tensor, rows: Tensor, neurons: Tensor) -> None:

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from lightning_swim import _search
-from lightning_swim._cpu_kernel import CpuKernelUnavailableError
+from lightning_swim._cpu_kernel import CpuKernelUnavailableError, PwlRows
 from lightning_swim._keops import KeOpsUnavailableError, pykeops_torch
 from lightning_swim._search import KEOPS_DIM_MULTIPLE, _d2_rows, _pad_cols, duplicate_groups, keops_neuron_chunk
 from lightning_swim.activations import Activation, get_activation
@@ -161,19 +161,27 @@ class _Layer:
         q.square_().mul_(inv_hh[:, :, None]).mul_(self.inv_aa)
         return q.masked_fill_(bad[:, :, None], float("-inf"))
 
-    def unit_neurons(self, rows: Tensor, work: Tensor, work_bf16: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def unit_neurons(
+        self, rows: Tensor, work: Tensor, work_bf16: Tensor, stored: bool = True
+    ) -> tuple[Tensor | PwlRows, Tensor, Tensor]:
         """The SWIM neurons of the pairs ``(rows[b], j)`` on every probe point as unit vectors,
         ``[B N, N]`` (in ``work``), the same in bfloat16 (in ``work_bf16``), and which pairs are
         excluded, ``[B N]``. The compiled kernel where it runs (piecewise-linear activations on the CPU),
-        else its torch twin."""
+        else its torch twin; with ``stored=False`` the kernel writes only the bfloat16 rows, and the
+        first is the :class:`~lightning_swim._cpu_kernel.PwlRows` that build the others again."""
         B, N = len(rows), self.x.shape[0]
         r, c, bad = self.pair_terms(rows)
         out, out_bf16 = work[: B * N * N].view(B * N, N), work_bf16[: B * N * N].view(B * N, N)
         kernel = _unit_kernel(self.act, self.x)
         if kernel is not None and self.gram is not None:
-            kernel.unit_neurons(self.gram, rows, r.contiguous(), c.contiguous(), self.act.negative_slope, out, out_bf16)
-        else:
-            _unit_neurons_torch(self, rows, r, c, out, out_bf16)
+            r, c, slope = r.contiguous(), c.contiguous(), self.act.negative_slope
+            if stored:
+                kernel.unit_neurons(self.gram, rows, r, c, slope, out, out_bf16)
+                return out, out_bf16, bad.view(-1)
+            inv = torch.empty(B, N, dtype=self.x.dtype, device=self.x.device)
+            kernel.unit_neurons(self.gram, rows, r, c, slope, None, out_bf16, inv)
+            return PwlRows(self.gram, rows, r, c, slope, inv), out_bf16, bad.view(-1)
+        _unit_neurons_torch(self, rows, r, c, out, out_bf16)
         return out, out_bf16, bad.view(-1)
 
 
@@ -444,7 +452,8 @@ class _Search:
         cosine passes the limit less :func:`screen_slack`, with ``q`` computed again exactly."""
         layer = self.layer
         N = layer.a.shape[0]
-        hn, hb, bad = layer.unit_neurons(rows, work, self.work_bf16)  # [B N, N] unit rows; bad: [B N]
+        kernel = _screen_kernel(layer.x)  # it builds the exact rows it reads again: they need not be stored
+        hn, hb, bad = layer.unit_neurons(rows, work, self.work_bf16, stored=kernel is None)  # bad: [B N]
         chat = hb @ layer.unit_a_bf16  # [B N, M] cosines within eps
         if layer.free_sign:
             chat.abs_()
@@ -462,9 +471,11 @@ class _Search:
         def trim(counts: Tensor) -> Tensor | None:  # the screen's thresholds after a trim, or None
             return screen_cosines() if self._trim(counts, chat.shape[0], kth) else None
 
-        kernel = _screen_kernel(layer.x)
-        screen = kernel.screen if kernel is not None else _screen_torch
-        p, m, cos = screen(chat, screen_cosines(), hn, layer.unit_a_t, trim)
+        if kernel is not None:
+            p, m, cos = kernel.screen(chat, screen_cosines(), hn, layer.unit_a_t, trim)
+        else:
+            assert isinstance(hn, Tensor)
+            p, m, cos = _screen_torch(chat, screen_cosines(), hn, layer.unit_a_t, trim)
         q = cos.abs() if layer.free_sign else cos.clamp_min(0)
         q = q.square()
         if len(q):
@@ -502,17 +513,29 @@ def _screen_kernel(x: Tensor) -> Any:
 
 def _screen_agrees(kernel: Any) -> bool:
     """Whether the compiled screen gives its twin's entries, and their cosines to rounding, in both dtypes,
-    with and without a trim, on rows excluded (-inf) and neurons whose threshold passes every entry."""
+    with and without a trim, on rows excluded (-inf) and neurons whose threshold passes every entry; from
+    stored rows, and from rows it builds again (:class:`~lightning_swim._cpu_kernel.PwlRows`) for ReLU
+    and leaky ReLU."""
     g = torch.Generator().manual_seed(0)
     thr = torch.tensor([0.5, -1e30, 0.0, 2.0, -0.25])
+    trims = (None, lambda counts: thr + 0.25 * (counts > 3))
     ok = True
-    for dtype in (torch.float32, torch.float64):
-        h = torch.randn(37, 23, generator=g, dtype=torch.float64).to(dtype)
-        a_t = torch.randn(5, 23, generator=g, dtype=torch.float64).to(dtype)
-        chat = (h @ a_t.T / 8).to(torch.bfloat16)
-        chat[[3, 30]] = float("-inf")
-        for trim in (None, lambda counts: thr + 0.25 * (counts > 3)):
-            want, got = _screen_torch(chat, thr, h, a_t, trim), kernel.screen(chat, thr, h, a_t, trim)
+    for dtype, name in itertools.product((torch.float32, torch.float64), ("relu", "leaky_relu")):
+        pwl = get_activation(name)
+        x, a = torch.randn(23, 4, generator=g, dtype=dtype), torch.rand(23, 5, generator=g, dtype=dtype)
+        layer, rows = _Layer(x, pwl, a, "torch"), torch.tensor([0, 7, 22])
+        assert layer.gram is not None
+        r, c, bad = layer.pair_terms(rows)
+        h, h_bf16 = torch.empty(3 * 23, 23, dtype=dtype), torch.empty(3 * 23, 23, dtype=torch.bfloat16)
+        inv = torch.linalg.vector_norm(_activations(layer, rows, r, c, torch.empty_like(h)), dim=2).reciprocal()
+        _unit_neurons_torch(layer, rows, r, c, h, h_bf16)
+        h[bad.view(-1)] = 0  # (the pairs (i, i) have no neuron)
+        rebuilt = PwlRows(layer.gram, rows, r.contiguous(), c.contiguous(), pwl.negative_slope, inv.contiguous())
+        chat = (h @ layer.unit_a).to(torch.bfloat16)
+        chat[bad.view(-1)] = float("-inf")
+        for source, trim in itertools.product((h, rebuilt), trims):
+            want = _screen_torch(chat, thr, h, layer.unit_a_t, trim)
+            got = kernel.screen(chat, thr, source, layer.unit_a_t, trim)
             ok &= torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2].shape == want[2].shape
             ok &= ok and bool(torch.allclose(got[2], want[2], rtol=1e-5, atol=1e-5))
     return ok

@@ -327,9 +327,10 @@ class TestUnitNeuronKernel:
             pytest.skip("the compiled CPU kernel is not available here")
         monkeypatch.setattr(_fsearch, "_unit_checked", {})
 
-        def broken(self, gram, rows, r, c, slope, out, out_bf16):
-            out.fill_(0.5)
-            out_bf16.fill_(0.5)
+        def broken(self, gram, rows, r, c, slope, out, out_bf16, inv=None):
+            for t in (out, out_bf16, inv):
+                if t is not None:
+                    t.fill_(0.5)
 
         monkeypatch.setattr(type(_fsearch._search.cpu_kernel()), "unit_neurons", broken)
         assert _fsearch._unit_kernel(act, torch.zeros(2, 2)) is None
@@ -596,6 +597,30 @@ class TestScreenKernel:
             torch.testing.assert_close(cos, wcos, rtol=0, atol=1e-12 if dtype == F64 else 1e-6)
             torch.testing.assert_close(cos, (h[p] * a_t[m]).sum(1), rtol=0, atol=1e-12 if dtype == F64 else 1e-6)
         assert len(kern.screen(chat, torch.full((M,), 2.0), h, a_t)[0]) == 0
+
+    @pytest.mark.parametrize("name", ["relu", "leaky_relu"])
+    @pytest.mark.parametrize("dtype", [F64, torch.float32])
+    def test_rows_built_again_equal_the_stored_rows(self, name, dtype):
+        """The piecewise-linear rows the screen builds again (not stored) give the stored rows' entries."""
+        from lightning_swim import _fsearch
+
+        kern = self.kernel()
+        act = get_activation(name)
+        w, b, x = layer(150, 6, 11, seed=5, duplicates=3, dtype=dtype)
+        lay = _fsearch._Layer(x, act, act(x @ w.T + b), "torch")
+        N, rows = x.shape[0], torch.tensor([0, 2, 77, 149])
+        work, work_bf16 = torch.empty(4 * N * N, dtype=dtype), torch.empty(4 * N * N, dtype=torch.bfloat16)
+        stored, chat_rows, bad = lay.unit_neurons(rows, work.clone(), work_bf16.clone(), stored=True)
+        built, chat_rows_2, _ = lay.unit_neurons(rows, work, work_bf16, stored=False)
+        assert isinstance(stored, torch.Tensor) and isinstance(built, _fsearch.PwlRows)
+        assert torch.equal(chat_rows[~bad], chat_rows_2[~bad])  # (the pairs (i, i) have no neuron: NaN)
+        chat = chat_rows @ lay.unit_a_bf16
+        chat[bad] = float("-inf")
+        thr = (chat.float().amax(0) - 0.2).contiguous()
+        p, m, cos = kern.screen(chat, thr, built, lay.unit_a_t)
+        wp, wm, wcos = kern.screen(chat, thr, stored, lay.unit_a_t)
+        assert torch.equal(p, wp) and torch.equal(m, wm) and len(p) > 50
+        torch.testing.assert_close(cos, wcos, rtol=0, atol=1e-12 if dtype == F64 else 1e-6)
 
     def test_a_kernel_failing_its_self_check_is_not_used(self, monkeypatch):
         from lightning_swim import _fsearch

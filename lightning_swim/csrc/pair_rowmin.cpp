@@ -171,8 +171,9 @@ static int rowmin(int64_t nrows, int64_t row0, int64_t N, int64_t d, int64_t Mp,
 //     z_n = (G_jn - G_{rows[b] n}) r_bj + c_bj,   h_n = max(z_n, 0) + slope min(z_n, 0),
 //
 // out[b, j, :] = h / |h| (T) and out_bf16[b, j, :] = the same rounded to bfloat16 (to nearest, ties to
-// even). One pass computes |h|^2, a second writes both; the rows of G stay in cache. Plain loops the
-// compiler vectorises.
+// even), inv[b, j] = 1 / |h|. One pass computes |h|^2, a second writes them; the rows of G stay in cache.
+// With out (or inv) NULL that output is not written: screen_exact_pwl builds the rows it needs again.
+// Plain loops the compiler vectorises.
 static inline uint16_t to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof(u));
@@ -181,8 +182,14 @@ static inline uint16_t to_bf16(float f) {
 }
 
 template <typename T>
+static inline T pwl_unit(const T* gi, const T* gj, T rr, T cc, T slope, T inv, int64_t n) {
+    const T z = (gj[n] - gi[n]) * rr + cc;
+    return ((z > 0 ? z : 0) + slope * (z < 0 ? z : 0)) * inv;
+}
+
+template <typename T>
 static void unit_neurons(int64_t B, int64_t N, const int64_t* rows, const T* G, const T* r, const T* c, T slope,
-                         T* out, uint16_t* out_bf16, int nthreads) {
+                         T* out, uint16_t* out_bf16, T* inv_out, int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t bj = 0; bj < B * N; bj++) {
         const T* gi = G + rows[bj / N] * N;
@@ -196,14 +203,19 @@ static void unit_neurons(int64_t B, int64_t N, const int64_t* rows, const T* G, 
             s += h * h;
         }
         const T inv = 1 / sqrt(s);
-        T* o = out + bj * N;
+        if (inv_out != NULL) inv_out[bj] = inv;
         uint16_t* ob = out_bf16 + bj * N;
+        if (out != NULL) {
+            T* o = out + bj * N;
 #pragma omp simd
-        for (int64_t n = 0; n < N; n++) {
-            const T z = (gj[n] - gi[n]) * rr + cc;
-            const T h = ((z > 0 ? z : 0) + slope * (z < 0 ? z : 0)) * inv;
-            o[n] = h;
-            ob[n] = to_bf16((float)h);
+            for (int64_t n = 0; n < N; n++) {
+                const T h = pwl_unit(gi, gj, rr, cc, slope, inv, n);
+                o[n] = h;
+                ob[n] = to_bf16((float)h);
+            }
+        } else {
+#pragma omp simd
+            for (int64_t n = 0; n < N; n++) ob[n] = to_bf16((float)pwl_unit(gi, gj, rr, cc, slope, inv, n));
         }
     }
 }
@@ -278,6 +290,52 @@ static void screen_exact(int64_t P, int64_t M, int64_t N, const uint16_t* chat, 
     }
 }
 
+// screen_exact for the unit rows of unit_neurons, built again (into a buffer of N per thread) instead of read:
+// row p = b N + j is h_n = pwl(z_n) inv[p], z_n = (G_jn - G_{rows[b] n}) r[p] + c[p], as unit_neurons writes
+// it. The rows of G stay in cache where a block of stored rows does not. Returns 1 where a buffer could not
+// be allocated.
+template <typename T>
+static int screen_exact_pwl(int64_t P, int64_t M, int64_t N, const uint16_t* chat, const float* thr,
+                            const int64_t* offsets, const int64_t* rows, const T* G, const T* r, const T* c, T slope,
+                            const T* inv, const T* aT, int64_t* p_out, int64_t* m_out, T* cos_out, int nthreads) {
+    int status = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        T* h = (T*)malloc((N > 0 ? N : 1) * sizeof(T));
+        if (h == NULL) {
+#pragma omp atomic write
+            status = 1;
+        }
+#pragma omp for schedule(dynamic, 64)
+        for (int64_t p = 0; p < P; p++) {
+            if (h == NULL) continue;
+            const uint16_t* row = chat + p * M;
+            int64_t k = offsets[p];
+            bool built = false;
+            for (int64_t m = 0; m < M; m++) {
+                if (!(from_bf16(row[m]) >= thr[m])) continue;
+                if (!built) {
+                    const T *gi = G + rows[p / N] * N, *gj = G + (p % N) * N;
+                    const T rr = r[p], cc = c[p], iv = inv[p];
+#pragma omp simd
+                    for (int64_t n = 0; n < N; n++) h[n] = pwl_unit(gi, gj, rr, cc, slope, iv, n);
+                    built = true;
+                }
+                const T* am = aT + m * N;
+                T s = 0;
+#pragma omp simd reduction(+ : s)
+                for (int64_t n = 0; n < N; n++) s += h[n] * am[n];
+                p_out[k] = p;
+                m_out[k] = m;
+                cos_out[k] = s;
+                k++;
+            }
+        }
+        free(h);
+    }
+    return status;
+}
+
 extern "C" {
 
 // Neurons per register block for an element of `itemsize` bytes: the neuron axis must be padded to a multiple.
@@ -299,13 +357,13 @@ int ls_rowmin_f64(int64_t nrows, int64_t row0, int64_t N, int64_t d, int64_t Mp,
 }
 
 void ls_unit_neurons_f32(int64_t B, int64_t N, const int64_t* rows, const float* G, const float* r, const float* c,
-                         double slope, float* out, uint16_t* out_bf16, int nthreads) {
-    unit_neurons<float>(B, N, rows, G, r, c, (float)slope, out, out_bf16, nthreads);
+                         double slope, float* out, uint16_t* out_bf16, float* inv, int nthreads) {
+    unit_neurons<float>(B, N, rows, G, r, c, (float)slope, out, out_bf16, inv, nthreads);
 }
 
 void ls_unit_neurons_f64(int64_t B, int64_t N, const int64_t* rows, const double* G, const double* r,
-                         const double* c, double slope, double* out, uint16_t* out_bf16, int nthreads) {
-    unit_neurons<double>(B, N, rows, G, r, c, slope, out, out_bf16, nthreads);
+                         const double* c, double slope, double* out, uint16_t* out_bf16, double* inv, int nthreads) {
+    unit_neurons<double>(B, N, rows, G, r, c, slope, out, out_bf16, inv, nthreads);
 }
 
 int ls_screen_counts(int64_t P, int64_t M, const uint16_t* chat, const float* thr, int64_t* row_counts,
@@ -323,5 +381,21 @@ void ls_screen_exact_f64(int64_t P, int64_t M, int64_t N, const uint16_t* chat, 
                          const int64_t* offsets, const double* h, const double* aT, int64_t* p_out, int64_t* m_out,
                          double* cos_out, int nthreads) {
     screen_exact<double>(P, M, N, chat, thr, offsets, h, aT, p_out, m_out, cos_out, nthreads);
+}
+
+int ls_screen_exact_pwl_f32(int64_t P, int64_t M, int64_t N, const uint16_t* chat, const float* thr,
+                            const int64_t* offsets, const int64_t* rows, const float* G, const float* r,
+                            const float* c, double slope, const float* inv, const float* aT, int64_t* p_out,
+                            int64_t* m_out, float* cos_out, int nthreads) {
+    return screen_exact_pwl<float>(P, M, N, chat, thr, offsets, rows, G, r, c, (float)slope, inv, aT, p_out, m_out,
+                                   cos_out, nthreads);
+}
+
+int ls_screen_exact_pwl_f64(int64_t P, int64_t M, int64_t N, const uint16_t* chat, const float* thr,
+                            const int64_t* offsets, const int64_t* rows, const double* G, const double* r,
+                            const double* c, double slope, const double* inv, const double* aT, int64_t* p_out,
+                            int64_t* m_out, double* cos_out, int nthreads) {
+    return screen_exact_pwl<double>(P, M, N, chat, thr, offsets, rows, G, r, c, slope, inv, aT, p_out, m_out, cos_out,
+                                    nthreads);
 }
 }
