@@ -649,3 +649,19 @@ class TestScreenKernel:
         for f in ("idx_from", "idx_to", "n_near", "n_near_points", "soft_neuron", "soft_from", "soft_to"):
             assert torch.equal(getattr(with_kernel, f), getattr(without, f)), f
         torch.testing.assert_close(with_kernel.func_error, without.func_error, rtol=0, atol=1e-12, equal_nan=True)
+
+
+def test_the_one_key_sort_of_candidates_equals_the_four_stable_sorts():
+    """``summarise``'s order (neuron, error, i, j) from one integer key, against four stable sorts; with ties
+    in the error (zeros, and -0.0), and sizes that overflow the key (which falls back)."""
+    from lightning_swim._fsearch import _by_neuron_error_pair, _lexsort
+
+    g = torch.Generator().manual_seed(1)
+    for n_points in (1, 7, 300, 2**11, 2**16 + 3):  # the last two: a key of 62 bits, one too wide
+        for _ in range(20):
+            k, n_neurons = int(torch.randint(1, 2000, (1,), generator=g)), int(torch.randint(1, 300, (1,), generator=g))
+            key = torch.unique(torch.randint(0, n_neurons * n_points**2, (k,), generator=g))  # distinct (m, i, j)
+            m, i, j = key // (n_points * n_points), key // n_points % n_points, key % n_points
+            err = (torch.rand(len(m), generator=g) * torch.randint(0, 3, (len(m),), generator=g)).float()
+            err[torch.rand(len(m), generator=g) < 0.1] = -0.0
+            assert torch.equal(_by_neuron_error_pair(m, err, i, j), _lexsort(m, err, i, j))
