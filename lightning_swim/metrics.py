@@ -49,13 +49,9 @@ class PredictionAgreement(Metric):
         self.add_state("undefined", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, rebuilt: Tensor, original: Tensor) -> None:
-        if rebuilt.shape != original.shape:
-            raise ValueError(
-                f"Expected outputs of one shape but got {tuple(rebuilt.shape)} and {tuple(original.shape)}."
-            )
-        ok_r, ok_o = _finite_rows(rebuilt), _finite_rows(original)
-        self.agree += ((_labels(rebuilt) == _labels(original)) & ok_r & ok_o).sum()
-        self.undefined += (~ok_o).sum()
+        agree, undefined = _agreement_counts(rebuilt, original)
+        self.agree += agree
+        self.undefined += undefined
         self.total += original.shape[0]
 
     def compute(self) -> Tensor:
@@ -94,6 +90,20 @@ class OutputR2(R2Score):
         if int(self.bad_rebuilt) > 0:
             return torch.tensor(-float("inf"), dtype=torch.float64)
         return super().compute()
+
+
+def _agreement_counts(rebuilt: Tensor, original: Tensor) -> tuple[Tensor, Tensor]:
+    """``(examples agreed on, examples the original has no prediction for)`` (see :class:`PredictionAgreement`)."""
+    if rebuilt.shape != original.shape:
+        raise ValueError(f"Expected outputs of one shape but got {tuple(rebuilt.shape)} and {tuple(original.shape)}.")
+    ok_r, ok_o = _finite_rows(rebuilt), _finite_rows(original)
+    return ((_labels(rebuilt) == _labels(original)) & ok_r & ok_o).sum(), (~ok_o).sum()
+
+
+def agreement(rebuilt: Tensor, original: Tensor) -> float:
+    """:class:`PredictionAgreement` of one batch of outputs, without a ``Metric`` (a tenth of its time)."""
+    agree, undefined = _agreement_counts(rebuilt, original)
+    return float("nan") if int(undefined) > 0 else int(agree) / max(1, original.shape[0])
 
 
 def _finite_rows(out: Tensor) -> Tensor:

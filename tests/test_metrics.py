@@ -76,3 +76,23 @@ class TestNonFiniteOutputs:
         assert float(r2.compute()) == 1.0  # the NaN rows were in the first half only
         r2.update(bad[:20], out[:20])
         assert float(r2.compute()) == -math.inf
+
+
+@pytest.mark.parametrize("width", [1, 2, 5])
+def test_output_fidelity_equals_the_metric(width):
+    """``output_fidelity`` (the maps' fidelity, computed without a ``Metric`` object) is ``PredictionAgreement``."""
+    from lightning_swim.network import output_fidelity
+
+    g = torch.Generator().manual_seed(width)
+    for trial in range(30):
+        original, rebuilt = torch.randn(2, 25, width, generator=g)
+        same = torch.rand(25, generator=g) < 0.5
+        rebuilt[same] = original[same]  # these agree, the others by chance
+        if trial % 3 == 1:
+            rebuilt[torch.rand(25, generator=g) < 0.2] = float("nan")
+        if trial % 3 == 2:
+            original[int(torch.randint(0, 25, (1,), generator=g))] = float("inf")
+        metric = PredictionAgreement()
+        metric.update(rebuilt.double(), original.double())
+        want, got = float(metric.compute()), output_fidelity(original, rebuilt)
+        assert (math.isnan(want) and math.isnan(got)) or want == got
