@@ -616,14 +616,16 @@ def _lexsort(*keys: Tensor) -> Tensor:
 
 
 def _by_neuron_error_pair(m: Tensor, err: Tensor, i: Tensor, j: Tensor) -> Tensor:
-    """Permutation sorting candidates by neuron, then error (``>= 0``), then ``(i, j)``: one sort of an integer
-    key where the four fit in 63 bits (float32 errors: a non-negative float orders as its bits), else
-    :func:`_lexsort` (four stable sorts; measured 13x slower on 73,000 candidates)."""
-    if err.dtype == torch.float32 and len(m):
+    """Permutation sorting candidates by neuron, then error, then ``(i, j)``, as :func:`_lexsort` does: one sort
+    of an integer key where the four fit in 63 bits (float32 errors, none NaN: a float maps to an unsigned
+    integer of the same order), else :func:`_lexsort` (four stable sorts; measured 13x slower on 73,000
+    candidates)."""
+    if err.dtype == torch.float32 and len(m) and not bool(err.isnan().any()):
         b = max(1, int(torch.maximum(i, j).max()).bit_length())  # bits of a point index
-        if max(1, int(m.max()).bit_length()) + 31 + 2 * b <= 63:
-            bits = (err + 0.0).view(torch.int32).long()  # + 0.0: -0.0 -> 0.0
-            return torch.sort((((m << 31) | bits) << (2 * b)) | (i << b) | j).indices
+        if max(1, int(m.max()).bit_length()) + 32 + 2 * b <= 63:
+            u = (err + 0.0).view(torch.int32).long() & 0xFFFFFFFF  # + 0.0: -0.0 -> 0.0, which sort as equal
+            e = torch.where(u < 2**31, u + 2**31, 2**32 - 1 - u)  # sign bit set: a negative float, reversed
+            return torch.sort((((m << 32) | e) << (2 * b)) | (i << b) | j).indices
     return _lexsort(m, err, i, j)
 
 

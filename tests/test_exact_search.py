@@ -653,15 +653,19 @@ class TestScreenKernel:
 
 def test_the_one_key_sort_of_candidates_equals_the_four_stable_sorts():
     """``summarise``'s order (neuron, error, i, j) from one integer key, against four stable sorts; with ties
-    in the error (zeros, and -0.0), and sizes that overflow the key (which falls back)."""
+    in the error (zeros, -0.0), negative and infinite errors, and a NaN or sizes that overflow the key
+    (which fall back)."""
     from lightning_swim._fsearch import _by_neuron_error_pair, _lexsort
 
     g = torch.Generator().manual_seed(1)
-    for n_points in (1, 7, 300, 2**11, 2**16 + 3):  # the last two: a key of 62 bits, one too wide
+    for n_points in (1, 7, 300, 2**11, 2**16 + 3):  # the last two: a key of 63 bits, one too wide
         for _ in range(20):
             k, n_neurons = int(torch.randint(1, 2000, (1,), generator=g)), int(torch.randint(1, 300, (1,), generator=g))
             key = torch.unique(torch.randint(0, n_neurons * n_points**2, (k,), generator=g))  # distinct (m, i, j)
             m, i, j = key // (n_points * n_points), key // n_points % n_points, key % n_points
-            err = (torch.rand(len(m), generator=g) * torch.randint(0, 3, (len(m),), generator=g)).float()
-            err[torch.rand(len(m), generator=g) < 0.1] = -0.0
+            err = (torch.randn(len(m), generator=g) * torch.randint(0, 3, (len(m),), generator=g)).float()
+            err[torch.rand(len(m), generator=g) < 0.1] = -0.0  # ties: 0, -0.0, and (rounding) negative errors
+            err[torch.rand(len(m), generator=g) < 0.02] = float("inf")
+            assert torch.equal(_by_neuron_error_pair(m, err, i, j), _lexsort(m, err, i, j))
+            err[0] = float("nan")  # (falls back)
             assert torch.equal(_by_neuron_error_pair(m, err, i, j), _lexsort(m, err, i, j))
