@@ -91,8 +91,10 @@ def _wrap(text: str, font: Font, width: int) -> list[str]:
     return lines
 
 
+@functools.lru_cache(maxsize=128)
 def _text_block(text: str, font: Font, width: int, fill: tuple[int, int, int], spacing: int = 3) -> Image.Image:
-    """Wrapped, left-aligned text as an image ``width`` pixels wide."""
+    """Wrapped, left-aligned text as an image ``width`` pixels wide. Cached (a figure's explanatory notes
+    recur in every figure of its kind): callers paste it, never draw on it."""
     lines = _wrap(text, font, width - 2 * _PAD)
     if isinstance(font, ImageFont.FreeTypeFont):
         ascent, descent = font.getmetrics()
