@@ -235,7 +235,7 @@ class PairImportanceMonitor(Callback):
             callbacks (``strategy="ddp_spawn"``).
         probe_size: examples drawn when ``probe`` is not given. A small probe keeps the maps cheap
             enough to make often (a map of the demo's trained network, exact search included: about
-            0.09 s at 256 points, 0.25 s at 512, on two quiet cores); a larger one gives a finer
+            0.05 s at 256 points, 0.18 s at 512, on two quiet cores); a larger one gives a finer
             picture of the data (the exact search grows as its cube, then falls back to the top-k one).
         seed: seed of the probe draw and of the transport's candidate draw.
         layers: names (``fnmatch`` patterns) of the layers to map; default every ``nn.Linear`` but the
