@@ -168,7 +168,7 @@ class CpuKernel:
         for dtype, name in ((torch.float32, "f32"), (torch.float64, "f64")):
             fn = getattr(lib, f"ls_screen_exact_{name}")
             fn.argtypes = [i64, i64, i64, *[ptr] * 8, c_int]
-            fn.restype = None
+            fn.restype = c_int
             self._screen_exact[dtype] = fn
             fn = getattr(lib, f"ls_screen_exact_pwl_{name}")
             fn.argtypes = [i64, i64, i64, *[ptr] * 7, dbl, *[ptr] * 5, c_int]
@@ -276,22 +276,14 @@ class CpuKernel:
         offsets = torch.cumsum(rows, 0) - rows
         k = int(neurons.sum())
         p, m, cos = torch.empty(k, dtype=torch.long), torch.empty(k, dtype=torch.long), torch.empty(k, dtype=a_t.dtype)
-        n = a_t.shape[1]
+        n, threads = a_t.shape[1], torch.get_num_threads()
         if isinstance(h, Tensor):
             ptrs = (chat, thr, offsets, h, a_t, p, m, cos)
-            self._screen_exact[a_t.dtype](P, M, n, *(t.data_ptr() for t in ptrs), torch.get_num_threads())
-            return p, m, cos
-        before = (chat, thr, offsets, h.rows, h.gram, h.r, h.c)
-        after = (h.inv, a_t, p, m, cos)
-        status = self._screen_exact_pwl[a_t.dtype](
-            P,
-            M,
-            n,
-            *(t.data_ptr() for t in before),
-            h.slope,
-            *(t.data_ptr() for t in after),
-            torch.get_num_threads(),
-        )
+            status = self._screen_exact[a_t.dtype](P, M, n, *(t.data_ptr() for t in ptrs), threads)
+        else:
+            before, after = (chat, thr, offsets, h.rows, h.gram, h.r, h.c), (h.inv, a_t, p, m, cos)
+            ptrs_before, ptrs_after = (t.data_ptr() for t in before), (t.data_ptr() for t in after)
+            status = self._screen_exact_pwl[a_t.dtype](P, M, n, *ptrs_before, h.slope, *ptrs_after, threads)
         if status != 0:  # pragma: no cover - out of memory for a row
             raise MemoryError("the CPU kernel could not allocate its per-thread rows")
         return p, m, cos

@@ -197,40 +197,47 @@ def _unit_neurons_torch(layer: _Layer, rows: Tensor, r: Tensor, c: Tensor, out: 
 _unit_checked: dict[str, Any] = {}
 
 
-def _unit_kernel(act: Activation, x: Tensor) -> Any:
-    """The compiled unit-neuron kernel for ``act`` on ``x``, or None where it does not apply (other
-    activations, devices or dtypes) or is unavailable; checked once against the torch twin."""
-    if (
-        act.name not in ("relu", "leaky_relu")
-        or x.device.type != "cpu"
-        or x.dtype not in (torch.float32, torch.float64)
-    ):
-        return None
-    if "kernel" not in _unit_checked:
-        _unit_checked["kernel"] = None
+def _checked(name: str, agrees: Callable[[Any], bool]) -> Any:
+    """The compiled CPU kernel if it is available and ``agrees`` with the torch twin of its function ``name``
+    (checked once per process), else None."""
+    if name not in _unit_checked:
+        _unit_checked[name] = None
         try:
             kernel = _search.cpu_kernel()
         except CpuKernelUnavailableError:
             return None
-        g = torch.Generator().manual_seed(0)
-        ok = True
-        for dtype, name in itertools.product((torch.float32, torch.float64), ("relu", "leaky_relu")):
-            pwl = get_activation(name)
-            xs = torch.randn(19, 4, generator=g, dtype=torch.float64).to(dtype)
-            layer = _Layer(xs, pwl, torch.rand(19, 3, generator=g, dtype=torch.float64).to(dtype), "torch")
-            rows = torch.tensor([0, 5, 18])
-            r, c, _ = layer.pair_terms(rows)
-            want, want_bf16 = torch.empty(3 * 19, 19, dtype=dtype), torch.empty(3 * 19, 19, dtype=torch.bfloat16)
-            got, got_bf16 = torch.empty_like(want), torch.empty_like(want_bf16)
-            _unit_neurons_torch(layer, rows, r, c, want, want_bf16)
-            assert layer.gram is not None
-            kernel.unit_neurons(layer.gram, rows, r.contiguous(), c.contiguous(), pwl.negative_slope, got, got_bf16)
-            fine = torch.isfinite(want).all(1)  # the pairs (i, i) have no neuron
-            tol = 1e-5 if dtype == torch.float32 else 1e-12
-            ok &= bool(torch.allclose(got[fine], want[fine], rtol=tol, atol=tol))
-            ok &= bool(((got_bf16[fine].double() - got[fine].double()).abs() <= 2.0**-8 * got[fine].abs()).all())
-        _unit_checked["kernel"] = kernel if ok else None
-    return _unit_checked["kernel"]
+        _unit_checked[name] = kernel if agrees(kernel) else None
+    return _unit_checked[name]
+
+
+def _unit_kernel(act: Activation, x: Tensor) -> Any:
+    """The compiled unit-neuron kernel for ``act`` on ``x``, or None where it does not apply (other
+    activations, devices or dtypes) or is unavailable; checked once against the torch twin."""
+    if act.name not in ("relu", "leaky_relu") or not _kernel_takes(x):
+        return None
+    return _checked("kernel", _units_agree)
+
+
+def _units_agree(kernel: Any) -> bool:
+    """Whether the compiled unit neurons are the torch twin's (and their bf16 rounding), in both dtypes."""
+    g = torch.Generator().manual_seed(0)
+    ok = True
+    for dtype, name in itertools.product((torch.float32, torch.float64), ("relu", "leaky_relu")):
+        pwl = get_activation(name)
+        xs = torch.randn(19, 4, generator=g, dtype=torch.float64).to(dtype)
+        layer = _Layer(xs, pwl, torch.rand(19, 3, generator=g, dtype=torch.float64).to(dtype), "torch")
+        rows = torch.tensor([0, 5, 18])
+        r, c, _ = layer.pair_terms(rows)
+        want, want_bf16 = torch.empty(3 * 19, 19, dtype=dtype), torch.empty(3 * 19, 19, dtype=torch.bfloat16)
+        got, got_bf16 = torch.empty_like(want), torch.empty_like(want_bf16)
+        _unit_neurons_torch(layer, rows, r, c, want, want_bf16)
+        assert layer.gram is not None
+        kernel.unit_neurons(layer.gram, rows, r.contiguous(), c.contiguous(), pwl.negative_slope, got, got_bf16)
+        fine = torch.isfinite(want).all(1)  # the pairs (i, i) have no neuron
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        ok &= bool(torch.allclose(got[fine], want[fine], rtol=tol, atol=tol))
+        ok &= bool(((got_bf16[fine].double() - got[fine].double()).abs() <= 2.0**-8 * got[fine].abs()).all())
+    return ok
 
 
 def _activations(layer: _Layer, rows: Tensor, r: Tensor, c: Tensor, work: Tensor) -> Tensor:
@@ -499,16 +506,14 @@ def _screen_torch(
 def _screen_kernel(x: Tensor) -> Any:
     """The compiled screen for ``x``'s dtype, or None where it does not apply (other devices or dtypes) or
     is unavailable; checked once against its torch twin."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+    if not _kernel_takes(x):
         return None
-    if "screen" not in _unit_checked:
-        _unit_checked["screen"] = None
-        try:
-            kernel = _search.cpu_kernel()
-        except CpuKernelUnavailableError:
-            return None
-        _unit_checked["screen"] = kernel if _screen_agrees(kernel) else None
-    return _unit_checked["screen"]
+    return _checked("screen", _screen_agrees)
+
+
+def _kernel_takes(x: Tensor) -> bool:
+    """Whether the compiled kernels take ``x``: on the CPU, in float32 or float64."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
 
 
 def _screen_agrees(kernel: Any) -> bool:

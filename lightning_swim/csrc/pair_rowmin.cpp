@@ -267,60 +267,55 @@ static int screen_counts(int64_t P, int64_t M, const uint16_t* chat, const float
     return status;
 }
 
+// The rows screen_exact reads: stored (h [P, N]), or built again by get() into a buffer of N.
 template <typename T>
-static void screen_exact(int64_t P, int64_t M, int64_t N, const uint16_t* chat, const float* thr,
-                         const int64_t* offsets, const T* h, const T* aT, int64_t* p_out, int64_t* m_out, T* cos_out,
-                         int nthreads) {
-#pragma omp parallel for schedule(dynamic, 64) num_threads(nthreads)
-    for (int64_t p = 0; p < P; p++) {
-        const uint16_t* row = chat + p * M;
-        const T* hp = h + p * N;
-        int64_t k = offsets[p];
-        for (int64_t m = 0; m < M; m++) {
-            if (!(from_bf16(row[m]) >= thr[m])) continue;
-            const T* am = aT + m * N;
-            T s = 0;
-#pragma omp simd reduction(+ : s)
-            for (int64_t n = 0; n < N; n++) s += hp[n] * am[n];
-            p_out[k] = p;
-            m_out[k] = m;
-            cos_out[k] = s;
-            k++;
-        }
-    }
-}
+struct StoredRows {
+    const T* h;
+    int64_t N;
+    const T* get(int64_t p, T*) const { return h + p * N; }
+};
 
-// screen_exact for the unit rows of unit_neurons, built again (into a buffer of N per thread) instead of read:
-// row p = b N + j is h_n = pwl(z_n) inv[p], z_n = (G_jn - G_{rows[b] n}) r[p] + c[p], as unit_neurons writes
-// it. The rows of G stay in cache where a block of stored rows does not. Returns 1 where a buffer could not
-// be allocated.
+// The unit rows of unit_neurons, built again instead of read: row p = b N + j is h_n = pwl(z_n) inv[p],
+// z_n = (G_jn - G_{rows[b] n}) r[p] + c[p], as unit_neurons writes it. The rows of G stay in cache where a
+// block of stored rows does not.
 template <typename T>
-static int screen_exact_pwl(int64_t P, int64_t M, int64_t N, const uint16_t* chat, const float* thr,
-                            const int64_t* offsets, const int64_t* rows, const T* G, const T* r, const T* c, T slope,
-                            const T* inv, const T* aT, int64_t* p_out, int64_t* m_out, T* cos_out, int nthreads) {
+struct PwlRows {
+    const int64_t* rows;
+    const T *G, *r, *c, *inv;
+    T slope;
+    int64_t N;
+    const T* get(int64_t p, T* h) const {
+        const T *gi = G + rows[p / N] * N, *gj = G + (p % N) * N;
+        const T rr = r[p], cc = c[p], iv = inv[p];
+#pragma omp simd
+        for (int64_t n = 0; n < N; n++) h[n] = pwl_unit(gi, gj, rr, cc, slope, iv, n);
+        return h;
+    }
+};
+
+// Every passing entry of chat, row by row from offsets[p]: p, m and <row p, aT[m]>. A row is fetched once, at
+// its first passing entry. Returns 1 where a row buffer could not be allocated.
+template <typename T, typename Rows>
+static int screen_exact(int64_t P, int64_t M, int64_t N, const uint16_t* chat, const float* thr,
+                        const int64_t* offsets, const Rows& source, const T* aT, int64_t* p_out, int64_t* m_out,
+                        T* cos_out, int nthreads) {
     int status = 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        T* h = (T*)malloc((N > 0 ? N : 1) * sizeof(T));
-        if (h == NULL) {
+        T* buffer = (T*)malloc((N > 0 ? N : 1) * sizeof(T));
+        if (buffer == NULL) {
 #pragma omp atomic write
             status = 1;
         }
 #pragma omp for schedule(dynamic, 64)
         for (int64_t p = 0; p < P; p++) {
-            if (h == NULL) continue;
+            if (buffer == NULL) continue;
             const uint16_t* row = chat + p * M;
+            const T* h = NULL;
             int64_t k = offsets[p];
-            bool built = false;
             for (int64_t m = 0; m < M; m++) {
                 if (!(from_bf16(row[m]) >= thr[m])) continue;
-                if (!built) {
-                    const T *gi = G + rows[p / N] * N, *gj = G + (p % N) * N;
-                    const T rr = r[p], cc = c[p], iv = inv[p];
-#pragma omp simd
-                    for (int64_t n = 0; n < N; n++) h[n] = pwl_unit(gi, gj, rr, cc, slope, iv, n);
-                    built = true;
-                }
+                if (h == NULL) h = source.get(p, buffer);
                 const T* am = aT + m * N;
                 T s = 0;
 #pragma omp simd reduction(+ : s)
@@ -331,7 +326,7 @@ static int screen_exact_pwl(int64_t P, int64_t M, int64_t N, const uint16_t* cha
                 k++;
             }
         }
-        free(h);
+        free(buffer);
     }
     return status;
 }
@@ -371,31 +366,33 @@ int ls_screen_counts(int64_t P, int64_t M, const uint16_t* chat, const float* th
     return screen_counts(P, M, chat, thr, row_counts, neuron_counts, nthreads);
 }
 
-void ls_screen_exact_f32(int64_t P, int64_t M, int64_t N, const uint16_t* chat, const float* thr,
-                         const int64_t* offsets, const float* h, const float* aT, int64_t* p_out, int64_t* m_out,
-                         float* cos_out, int nthreads) {
-    screen_exact<float>(P, M, N, chat, thr, offsets, h, aT, p_out, m_out, cos_out, nthreads);
+int ls_screen_exact_f32(int64_t P, int64_t M, int64_t N, const uint16_t* chat, const float* thr,
+                        const int64_t* offsets, const float* h, const float* aT, int64_t* p_out, int64_t* m_out,
+                        float* cos_out, int nthreads) {
+    const StoredRows<float> rows = {h, N};
+    return screen_exact<float>(P, M, N, chat, thr, offsets, rows, aT, p_out, m_out, cos_out, nthreads);
 }
 
-void ls_screen_exact_f64(int64_t P, int64_t M, int64_t N, const uint16_t* chat, const float* thr,
-                         const int64_t* offsets, const double* h, const double* aT, int64_t* p_out, int64_t* m_out,
-                         double* cos_out, int nthreads) {
-    screen_exact<double>(P, M, N, chat, thr, offsets, h, aT, p_out, m_out, cos_out, nthreads);
+int ls_screen_exact_f64(int64_t P, int64_t M, int64_t N, const uint16_t* chat, const float* thr,
+                        const int64_t* offsets, const double* h, const double* aT, int64_t* p_out, int64_t* m_out,
+                        double* cos_out, int nthreads) {
+    const StoredRows<double> rows = {h, N};
+    return screen_exact<double>(P, M, N, chat, thr, offsets, rows, aT, p_out, m_out, cos_out, nthreads);
 }
 
 int ls_screen_exact_pwl_f32(int64_t P, int64_t M, int64_t N, const uint16_t* chat, const float* thr,
                             const int64_t* offsets, const int64_t* rows, const float* G, const float* r,
                             const float* c, double slope, const float* inv, const float* aT, int64_t* p_out,
                             int64_t* m_out, float* cos_out, int nthreads) {
-    return screen_exact_pwl<float>(P, M, N, chat, thr, offsets, rows, G, r, c, (float)slope, inv, aT, p_out, m_out,
-                                   cos_out, nthreads);
+    const PwlRows<float> source = {rows, G, r, c, inv, (float)slope, N};
+    return screen_exact<float>(P, M, N, chat, thr, offsets, source, aT, p_out, m_out, cos_out, nthreads);
 }
 
 int ls_screen_exact_pwl_f64(int64_t P, int64_t M, int64_t N, const uint16_t* chat, const float* thr,
                             const int64_t* offsets, const int64_t* rows, const double* G, const double* r,
                             const double* c, double slope, const double* inv, const double* aT, int64_t* p_out,
                             int64_t* m_out, double* cos_out, int nthreads) {
-    return screen_exact_pwl<double>(P, M, N, chat, thr, offsets, rows, G, r, c, slope, inv, aT, p_out, m_out, cos_out,
-                                    nthreads);
+    const PwlRows<double> source = {rows, G, r, c, inv, slope, N};
+    return screen_exact<double>(P, M, N, chat, thr, offsets, source, aT, p_out, m_out, cos_out, nthreads);
 }
 }
