@@ -174,6 +174,9 @@ class CpuKernel:
             fn.argtypes = [i64, i64, i64, *[ptr] * 7, dbl, *[ptr] * 5, c_int]
             fn.restype = c_int
             self._screen_exact_pwl[dtype] = fn
+        lib.ls_crc32c.argtypes = [ctypes.c_char_p, i64]
+        lib.ls_crc32c.restype = ctypes.c_uint32
+        self._crc32c = lib.ls_crc32c
         lib.ls_neuron_block.argtypes = [i64]
         lib.ls_neuron_block.restype = i64
         if any(NEURON_PAD % lib.ls_neuron_block(s) for s in (4, 8)):  # pragma: no cover - a foreign build
@@ -287,6 +290,10 @@ class CpuKernel:
         if status != 0:  # pragma: no cover - out of memory for a row
             raise MemoryError("the CPU kernel could not allocate its per-thread rows")
         return p, m, cos
+
+    def crc32c(self, data: bytes) -> int:
+        """The CRC-32C (Castagnoli) of ``data``, as TensorBoard's event records use it."""
+        return int(self._crc32c(data, len(data)))
 
     def _count(self, chat: Tensor, thr: Tensor, rows: Tensor, neurons: Tensor) -> None:
         P, M = chat.shape

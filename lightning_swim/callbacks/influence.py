@@ -16,6 +16,7 @@ from typing_extensions import override
 from lightning_swim._checks import check_frequency, check_positive_int, check_probe
 from lightning_swim._data import draw_probe
 from lightning_swim._modelio import model_device_dtype
+from lightning_swim._tensorboard import speed_up
 from lightning_swim.evaluate import spearman
 from lightning_swim.influence import LossFn, TracInAccumulator, _eval_mode, el2n_scores
 
@@ -225,6 +226,7 @@ class InfluenceMonitor(Callback):
         writer = next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if writer is None:
             return
+        speed_up(writer)  # records checksummed by the compiled kernel: the same bytes, faster
         if self.el2n is not None:
             writer.add_histogram("swim/influence/el2n", self.el2n.float(), global_step=step)
         if self.tracin is not None:

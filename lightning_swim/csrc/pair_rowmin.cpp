@@ -21,6 +21,10 @@
 
 #include <limits>
 
+#if defined(__SSE4_2__)
+#include <nmmintrin.h>
+#endif
+
 #if defined(__AVX512F__)
 #define LS_VBYTES 64
 #define LS_MV 2
@@ -331,6 +335,37 @@ static int screen_exact(int64_t P, int64_t M, int64_t N, const uint16_t* chat, c
     return status;
 }
 
+// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78) of n bytes, as TensorBoard's event records use it
+// (lightning_swim/_tensorboard.py): the SSE4.2 instruction where the build has it, else a table.
+struct Crc32cTable {
+    uint32_t t[256];
+    Crc32cTable() {
+        for (uint32_t i = 0; i < 256; i++) {
+            uint32_t c = i;
+            for (int k = 0; k < 8; k++) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+            t[i] = c;
+        }
+    }
+};
+
+static uint32_t crc32c(const uint8_t* p, int64_t n) {
+    uint32_t crc = 0xFFFFFFFFu;
+#if defined(__SSE4_2__)
+    uint64_t c = crc;
+    for (; n >= 8; n -= 8, p += 8) {
+        uint64_t v;
+        memcpy(&v, p, sizeof(v));
+        c = _mm_crc32_u64(c, v);
+    }
+    crc = (uint32_t)c;
+    for (; n > 0; n--, p++) crc = _mm_crc32_u8(crc, *p);
+#else
+    static const Crc32cTable table;  // built once (thread-safe in C++11)
+    for (; n > 0; n--, p++) crc = table.t[(crc ^ *p) & 0xFFu] ^ (crc >> 8);
+#endif
+    return crc ^ 0xFFFFFFFFu;
+}
+
 extern "C" {
 
 // Neurons per register block for an element of `itemsize` bytes: the neuron axis must be padded to a multiple.
@@ -395,4 +430,6 @@ int ls_screen_exact_pwl_f64(int64_t P, int64_t M, int64_t N, const uint16_t* cha
     const PwlRows<double> source = {rows, G, r, c, inv, slope, N};
     return screen_exact<double>(P, M, N, chat, thr, offsets, source, aT, p_out, m_out, cos_out, nthreads);
 }
+
+uint32_t ls_crc32c(const uint8_t* data, int64_t n) { return crc32c(data, n); }
 }
