@@ -62,12 +62,12 @@ STATUS = ("mapped", "zero_weights", "non_finite", "dead")
 DEFAULT_MAX_MEMORY = 512 * 2**20
 EXACT_SEEDS = 8  # parameter-space candidates whose errors bound the exact search's best at its start
 AUTO_EXACT_WORK = 2.7e11
+"""``refine="auto"`` searches exactly when ``N^3 M`` (multiply-adds) is at most this: about 4 s on two CPU cores
+(1.25 s with bfloat16 units, ``docs/maths.md``)."""
 TIE_ROUNDING = 4
 """Errors of one neuron's pairs within ``TIE_ROUNDING (N + 2) eps`` of its best are ties of the best
 (:func:`~lightning_swim._fsearch.summarise`): twice the rounding bound of an error computed from inner
 products over ``N`` probe points, under which pairs of one function (collinear points) can differ."""
-"""``refine="auto"`` searches exactly when ``N^3 M`` (multiply-adds) is at most this: about 4 s on two CPU cores
-(1.5 s with bfloat16 units, ``docs/maths.md``)."""
 
 
 @dataclass

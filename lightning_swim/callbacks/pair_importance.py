@@ -219,6 +219,10 @@ class PairImportanceMonitor(Callback):
     - a custom-scalar layout: a section for the network and one per layer, a chart per quantity with
       its references shaded (only charts of what is logged).
 
+    The ``SummaryWriter`` it logs to checksums its records with the compiled kernel's CRC-32C instead of
+    TensorBoard's pure-Python one (:mod:`lightning_swim._tensorboard`): the same bytes, a thousand
+    times faster (2.4 ms a figure before).
+
     Args:
         n_maps: maps planned over the fit, those at fit start and end included (>= 2).
         spacing: ``"linear"`` (evenly spaced steps) or ``"log"`` (evenly spaced in ``log(step)``).
