@@ -43,6 +43,7 @@ import argparse
 import copy
 import math
 import warnings
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -56,6 +57,13 @@ from lightning_swim.datasets import digits
 from lightning_swim.pairmap import random_map
 
 PROBE = 256  # training digits the monitor maps on (the exact pair search grows as the cube of this)
+
+
+def linear(net: nn.Sequential, k: int) -> nn.Linear:
+    """The ``k``-th module of ``net``, an ``nn.Linear``."""
+    layer = net[k]
+    assert isinstance(layer, nn.Linear)
+    return layer
 
 
 class ScaledMLP(pl.LightningModule):
@@ -80,6 +88,11 @@ class ScaledMLP(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.net.parameters(), lr=self.lr)
 
+    @property
+    def hidden(self) -> nn.Linear:
+        """The hidden layer, ``net.0``."""
+        return linear(self.net, 0)
+
     def train_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.x, self.y), batch_size=len(self.x))
 
@@ -87,7 +100,7 @@ class ScaledMLP(pl.LightningModule):
 def run(alpha: float, args: argparse.Namespace, data: tuple) -> list[dict[str, float]]:
     xtr, ytr, xte, yte = data
     model = ScaledMLP(alpha, args.lr, xtr, ytr)
-    w0 = model.net[0].weight.detach().clone()
+    w0 = model.hidden.weight.detach().clone()
     probe = xtr[:PROBE]
     every = max(1, args.steps // 3)
     monitor = PairImportanceMonitor(
@@ -97,41 +110,41 @@ def run(alpha: float, args: argparse.Namespace, data: tuple) -> list[dict[str, f
         log_images="ends",
         top_k=16,
     )
-    trainer = pl.Trainer(
-        max_steps=args.steps,
-        max_epochs=-1,
-        callbacks=[monitor],
-        accelerator="cpu",
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        logger=TensorBoardLogger(args.logdir, name=f"lazy_vs_rich/alpha_{alpha:g}"),  # a new version per run
-    )
     rows: dict[int, dict[str, float]] = {}
-    nets: dict[int, nn.Module] = {}  # f at the steps the monitor maps, to rebuild it from the maps afterwards
+    nets: dict[int, nn.Sequential] = {}  # f at the steps the monitor maps, to rebuild it from the maps afterwards
 
     class Record(pl.Callback):  # test accuracy, weight movement and f at the steps the monitor maps
-        def on_train_start(self, trainer: pl.Trainer, pl_module: ScaledMLP) -> None:
-            self.row(trainer, pl_module)
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.row(trainer, model)
 
-        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: ScaledMLP, *args: object) -> None:
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
             if trainer.global_step % every == 0:
-                self.row(trainer, pl_module)
+                self.row(trainer, model)
 
-        def on_train_end(self, trainer: pl.Trainer, pl_module: ScaledMLP) -> None:
-            self.row(trainer, pl_module)
+        def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.row(trainer, model)
 
         def row(self, trainer: pl.Trainer, pl_module: ScaledMLP) -> None:
             with torch.no_grad():
                 acc = float((pl_module(xte).argmax(1) == yte).float().mean())
             rows[trainer.global_step] = {
                 "test_acc": acc,
-                "moved": float((pl_module.net[0].weight.detach() - w0).norm() / w0.norm()),
+                "moved": float((pl_module.hidden.weight.detach() - w0).norm() / w0.norm()),
             }
             nets[trainer.global_step] = copy.deepcopy(pl_module.net).requires_grad_(False)
 
-    trainer.callbacks.append(Record())
+    trainer = pl.Trainer(
+        max_steps=args.steps,
+        max_epochs=-1,
+        callbacks=[monitor, Record()],
+        accelerator="cpu",
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        logger=TensorBoardLogger(args.logdir, name=f"lazy_vs_rich/alpha_{alpha:g}"),  # a new version per run
+    )
     trainer.fit(model)
+    assert trainer.log_dir is not None  # the TensorBoardLogger's folder
     history = load_history(trainer.log_dir)
     first = history[0].maps["net.0"]
     out = []
@@ -140,7 +153,7 @@ def run(alpha: float, args: argparse.Namespace, data: tuple) -> list[dict[str, f
         same = pm.valid & first.valid & (pm.idx_from == first.idx_from) & (pm.idx_to == first.idx_to)
         # f alone (the 64-128-10 network, without alpha (. - f0)) rebuilt from the same pairs, and from random ones
         generator = torch.Generator().manual_seed(0)
-        w, b = f[0].weight, f[0].bias
+        w, b = linear(f, 0).weight, linear(f, 0).bias
         randoms = random_map(w, b, probe, activation="relu", generator=generator)
         with torch.no_grad():
             active = (f[1](f[0](probe)) > 0).float().mean(0)  # share of the probe each neuron is active on

@@ -33,6 +33,7 @@ import argparse
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -40,7 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_swim import PairImportanceMonitor, convert_network, fidelity, load_history
-from lightning_swim._modelio import read_model
+from lightning_swim._modelio import LayerReading, read_model
 from lightning_swim.analysis import chance_fidelity, neuron_weights_of
 from lightning_swim.datasets import mnist1d
 from lightning_swim.network import random_maps
@@ -105,6 +106,13 @@ def _cross_class(pm: PairMap, labels: Tensor, per_example: int) -> float:
     return float((labels[a] != labels[b]).double().mean())
 
 
+def _window(layers: list[LayerReading], name: str, location: int) -> tuple[int, int]:
+    """The ``(start, stop)`` of the signal (length 40) that patch ``location`` of layer ``name`` sees."""
+    window = input_window(layers, name, location, (1, 40))
+    assert window is not None  # convolutions straight from the input
+    return window[0]
+
+
 def describe_pairs(model: nn.Module, probe: tuple[Tensor, Tensor], maps: dict[str, PairMap], randoms: dict) -> dict:
     """What the pairs of every mapped layer look like, each next to the same for random pairs."""
     x, y = probe
@@ -120,11 +128,11 @@ def describe_pairs(model: nn.Module, probe: tuple[Tensor, Tensor], maps: dict[st
             row["cross_class" + tag] = _cross_class(m, y, L)
             if L > 1:
                 row["same_signal" + tag] = float((i // L == j // L).double().mean())
-                starts_i = torch.tensor([input_window(layers, name, int(q % L), (1, 40))[0][0] for q in i])
-                starts_j = torch.tensor([input_window(layers, name, int(q % L), (1, 40))[0][0] for q in j])
+                starts_i = torch.tensor([_window(layers, name, int(q % L))[0] for q in i])
+                starts_j = torch.tensor([_window(layers, name, int(q % L))[0] for q in j])
                 row["shift" + tag] = float((starts_i - starts_j).abs().double().mean())
         if L > 1:
-            lo, hi = input_window(layers, name, 0, (1, 40))[0]
+            lo, hi = _window(layers, name, 0)
             row["patch_width"] = hi - lo
         out[name] = row
     return out
@@ -165,7 +173,7 @@ def train_and_map(kind: str, data: tuple, args: argparse.Namespace, logdir: Path
     with torch.no_grad():
         accuracy = float((net(xte).argmax(1) == yte).float().mean())
         chance = chance_fidelity(net(xte), "classification")
-    result = {"accuracy": accuracy, "chance": chance, "maps": len(history), "layers": {}}
+    result: dict[str, Any] = {"accuracy": accuracy, "chance": chance, "maps": len(history), "layers": {}}
     for name in maps:
         one = fidelity(net, convert_network(net, {name: maps[name]}, probe[0]), xte)
         rnd = fidelity(net, convert_network(net, {name: randoms[name]}, probe[0]), xte)

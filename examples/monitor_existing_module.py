@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> list:
     )
     trainer.fit(DigitsClassifier(seed=args.seed))
 
+    assert trainer.log_dir is not None  # the TensorBoardLogger's folder
     history = load_history(trainer.log_dir)  # every map, also readable after the run
     print(
         f"\n{'step':>5} | {'layer':>6} | {'func error':>10} | {'eff. points':>11} | {'random':>6} | {'turnover':>8} | "

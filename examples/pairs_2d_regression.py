@@ -85,12 +85,16 @@ def main(argv: list[str] | None = None) -> list:
     )
     trainer.fit(model)
 
-    history = load_history(trainer.log_dir)
-    x, y = load_probe(trainer.log_dir)
-    out = Path(args.out) if args.out else Path(str(trainer.log_dir)) / "png"
+    log_dir = trainer.log_dir
+    assert log_dir is not None  # the TensorBoardLogger's folder
+    history = load_history(log_dir)
+    x, y = load_probe(log_dir)
+    out = Path(args.out) if args.out else Path(log_dir) / "png"
     out.mkdir(parents=True, exist_ok=True)
     # the neuron weights of the last map: |w_m| |a_m| with the trained output weights
-    omega = contribution_weights(model.net[0].weight, model.net[2].weight)
+    hidden, output = model.net[0], model.net[2]
+    assert isinstance(hidden, nn.Linear) and isinstance(output, nn.Linear)
+    omega = contribution_weights(hidden.weight, output.weight)
     print(f"\n{'step':>5} | {'pair cost':>9} | {'turnover':>8} | {'eff. points':>11} | {'R2 rebuilt':>10}")
     for record in history:
         s = record.scalars

@@ -151,7 +151,9 @@ def _main(argv: list[str] | None) -> dict[str, list[float]]:
         f"{'initialisation':>22} | {'mean |output weight|':>20} | {'test accuracy':>13} | {'predictions changed':>19}"
     )
     for name, model in [("default", default)] + [(f"SWIM, ridge {r:g}", m) for r, m in swims.items()]:
-        weight = float(model[2].weight.detach().abs().mean())
+        output = model[2]
+        assert isinstance(output, nn.Linear)
+        weight = float(output.weight.detach().abs().mean())
         print(f"{name:>22} | {weight:>20.3f} | {accuracy(model, xte, yte):>13.3f} | {sensitivity(model, xte):>19.1%}")
 
     # the grid on held-out digits: every initialisation at every learning rate, the same batches for all
