@@ -100,10 +100,17 @@ def _agreement_counts(rebuilt: Tensor, original: Tensor) -> tuple[Tensor, Tensor
     return ((_labels(rebuilt) == _labels(original)) & ok_r & ok_o).sum(), (~ok_o).sum()
 
 
-def agreement(rebuilt: Tensor, original: Tensor) -> float:
-    """:class:`PredictionAgreement` of one batch of outputs, without a ``Metric`` (a tenth of its time)."""
-    agree, undefined = _agreement_counts(rebuilt, original)
-    return float("nan") if int(undefined) > 0 else int(agree) / max(1, original.shape[0])
+def outputs_fidelity(original: Tensor, rebuilt: Tensor, task: str = "classification") -> float:
+    """:func:`fidelity` of outputs already computed: the agreement counted directly (a tenth of the time of a
+    ``PredictionAgreement``), the R² by :class:`OutputR2`."""
+    check_choice(task, "task", FIDELITY_TASKS)
+    rebuilt, original = rebuilt.double().cpu(), original.double().cpu()
+    if task == "classification":
+        agree, undefined = _agreement_counts(rebuilt, original)
+        return float("nan") if int(undefined) > 0 else int(agree) / max(1, original.shape[0])
+    metric = OutputR2(sync_on_compute=False)  # a local computation: never waits for other processes
+    metric.update(rebuilt, original)
+    return float(metric.compute())
 
 
 def _finite_rows(out: Tensor) -> Tensor:
@@ -124,7 +131,4 @@ def fidelity(
     check_choice(task, "task", FIDELITY_TASKS)
     out_o = forward_outputs(original, x, batch_size=batch_size)
     out_r = forward_outputs(rebuilt, x, batch_size=batch_size)
-    # a local computation (the monitor runs it on rank zero only): never wait for other processes
-    metric: Metric = (PredictionAgreement if task == "classification" else OutputR2)(sync_on_compute=False)
-    metric.update(out_r.double().cpu(), out_o.double().cpu())
-    return float(metric.compute())
+    return outputs_fidelity(out_o, out_r, task)

@@ -29,7 +29,7 @@ from lightning_swim._modelio import (
 )
 from lightning_swim._solve import ridge_lstsq
 from lightning_swim.activations import Activation, get_activation
-from lightning_swim.metrics import FIDELITY_TASKS, OutputR2, agreement
+from lightning_swim.metrics import outputs_fidelity
 from lightning_swim.pairmap import PairMap, map_layer, random_map
 from lightning_swim.sampling import swim_neurons
 
@@ -411,9 +411,4 @@ def output_fidelity(original: Tensor, rebuilt: Tensor, *, task: str = "classific
     The same numbers as :func:`~lightning_swim.fidelity`, from outputs already computed (e.g.
     ``reading.output`` and ``rebuild(reading, maps).output``).
     """
-    check_choice(task, "task", FIDELITY_TASKS)
-    if task == "classification":
-        return agreement(rebuilt.double().cpu(), original.double().cpu())
-    metric = OutputR2(sync_on_compute=False)
-    metric.update(rebuilt.double().cpu(), original.double().cpu())
-    return float(metric.compute())
+    return outputs_fidelity(original, rebuilt, task)

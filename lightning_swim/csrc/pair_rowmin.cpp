@@ -176,7 +176,7 @@ static int rowmin(int64_t nrows, int64_t row0, int64_t N, int64_t d, int64_t Mp,
 //
 // out[b, j, :] = h / |h| (T) and out_bf16[b, j, :] = the same rounded to bfloat16 (to nearest, ties to
 // even), inv[b, j] = 1 / |h|. One pass computes |h|^2, a second writes them; the rows of G stay in cache.
-// With out (or inv) NULL that output is not written: screen_exact_pwl builds the rows it needs again.
+// With out (or inv) NULL that output is not written (the screen's PwlRows build the rows they need again).
 // Plain loops the compiler vectorises.
 static inline uint16_t to_bf16(float f) {
     uint32_t u;
@@ -202,8 +202,7 @@ static void unit_neurons(int64_t B, int64_t N, const int64_t* rows, const T* G, 
         T s = 0;
 #pragma omp simd reduction(+ : s)
         for (int64_t n = 0; n < N; n++) {
-            const T z = (gj[n] - gi[n]) * rr + cc;
-            const T h = (z > 0 ? z : 0) + slope * (z < 0 ? z : 0);
+            const T h = pwl_unit(gi, gj, rr, cc, slope, (T)1, n);
             s += h * h;
         }
         const T inv = 1 / sqrt(s);
