@@ -99,7 +99,8 @@ def run_one(method: str, n: int) -> dict[str, float]:
     return result
 
 
-def digits_table() -> None:
+def digits_table(rate: float, rate16: float) -> None:
+    """Part 2, with the exact search's floors at the GEMM rates ``rate`` (fp32) and ``rate16`` (bf16) of this run."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -150,6 +151,11 @@ def digits_table() -> None:
         med = float(pm.func_error[pm.valid].median())
         print(f"{name:>18} | {seconds:>7.2f} | {med:>12.4f} | {optimal:>13.2f} | {keep:>13.3f}")
     print(f"{'chance':>18} | {'':>7} | {'':>12} | {'':>13} | {chance:>13.3f}")
+    flops = 2 * len(xtr) ** 3 * n_live
+    print(
+        f"floors of the exact search (2 N^3 M flops, M = {n_live} live neurons): fp32 {flops / rate:.2f} s, "
+        f"bf16 {flops / rate16:.2f} s"
+    )
     near = exact.n_near[exact.valid]
     print(
         f"ambiguity (exact): {float((near > 1).double().mean()):.0%} of neurons have 2+ pairs within 0.01 of their "
@@ -216,7 +222,7 @@ def main() -> None:
             f"{ratio('dense', 'exact'):>11} | {ratio('brute', 'exact'):>11} | {errs:>32}"
         )
     if not args.no_digits:
-        digits_table()
+        digits_table(rate, rate16)
 
 
 if __name__ == "__main__":

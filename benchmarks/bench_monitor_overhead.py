@@ -9,6 +9,10 @@ its own warm-up, outside its budget, in every fit). Prints the median wall time 
 for both, the maps made and the time spent inside them, and the ratio. ``--refine function`` gives
 the monitor the cheaper, non-exact search (the default ``auto`` is exact at the probe's size).
 
+Then one map of the same network (``analyse_network`` with the monitor's default config, on the first
+training digits), untrained and after a fit of ``--epochs`` epochs, at probes of 256 and 512 points:
+the median of 5, what the monitor's start and end maps cost.
+
     python benchmarks/bench_monitor_overhead.py [--epochs 20] [--repeats 15] [--refine auto]
 """
 
@@ -48,6 +52,35 @@ def fit(epochs: int, monitored: bool, root: str, refine: str = "auto") -> tuple[
     return seconds, len(monitor._steps) if monitor else 0, monitor._map_seconds if monitor else 0.0
 
 
+def map_times(epochs: int) -> None:
+    """Median seconds of one map of the demo's network, untrained and trained, at probes of 256 and 512."""
+    from lightning_swim.analysis import AnalysisConfig, analyse_network
+
+    untrained, trained = DigitsMLP(), DigitsMLP()
+    pl.Trainer(
+        max_epochs=epochs,
+        logger=False,
+        accelerator="cpu",
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(trained)
+    print(f"one map of the network (median of 5; trained: after {epochs} epochs), seconds")
+    print(f"{'probe':>6} | {'untrained':>9} | {'trained':>9}")
+    for n in (256, 512):
+        cells = []
+        for model in (untrained, trained):
+            x, y = model.xtr[:n], model.ytr[:n]
+            analyse_network(model, x, y, config=AnalysisConfig())  # its compilations
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                analyse_network(model, x, y, config=AnalysisConfig())
+                times.append(time.perf_counter() - t0)
+            cells.append(statistics.median(times))
+        print(f"{n:>6} | {cells[0]:>9.3f} | {cells[1]:>9.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=20)
@@ -72,6 +105,7 @@ def main() -> None:
     spent = statistics.median(inside)
     print(f"  with monitor:    {w:7.2f} s  ({statistics.median(maps):.0f} maps, {spent:.2f} s in them)")
     print(f"  overhead:        {w / p:7.3f}x  (floor 1.25x, goal 1.10x)")
+    map_times(args.epochs)
 
 
 if __name__ == "__main__":

@@ -287,7 +287,7 @@ def section_exact(device: str, tiny: bool) -> Iterator[dict[str, Any]]:
     if "exact" not in REFINE:
         yield _row("skipped", check=f"map_layer(refine='exact') is not in this checkout (REFINE = {REFINE})")
         return
-    # O(N^3 M): on a 2-core CPU (AVX-512 with BF16) torch takes about 1.2 s at N = 1,000, M = 128 (KeOps ~60x longer)
+    # O(N^3 M): the CPU twin is timed beside it in this table (bench_exact_search.py has the CPU's floors)
     n, d, m = (60, 8, 8) if tiny else (1000, 64, 128)
     case = f"N={n} d={d} M={m}"
     w, b, x = _layer(n, d, m)

@@ -212,7 +212,8 @@ def _main(argv: list[str] | None) -> dict[str, list[float]]:
         )
 
     print(
-        f"test accuracy after each epoch (chance 0.100): SWIM init (ridge {ridge_s:g}, lr {lr_s:g}), default init "
+        f"test accuracy after each epoch (chance {float(torch.bincount(yte).max()) / len(yte):.3f}: the most "
+        f"frequent test class): SWIM init (ridge {ridge_s:g}, lr {lr_s:g}), default init "
         f"at the same lr\nand at its own ({lr_d:g}), SWIM with ridge {RIDGES[0]:g} and Adam 1e-3; the SWIM network "
         "mapped back"
     )

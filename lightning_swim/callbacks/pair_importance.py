@@ -240,7 +240,8 @@ class PairImportanceMonitor(Callback):
             callbacks (``strategy="ddp_spawn"``).
         probe_size: examples drawn when ``probe`` is not given. A small probe keeps the maps cheap
             enough to make often (a map of the demo's trained network, exact search included: about
-            0.05 s at 256 points, 0.18 s at 512, on two quiet cores); a larger one gives a finer
+            0.05 s at 256 points, 0.16 s at 512, on two quiet cores;
+            ``benchmarks/bench_monitor_overhead.py``); a larger one gives a finer
             picture of the data (the exact search grows as its cube, then falls back to the top-k one).
         seed: seed of the probe draw and of the transport's candidate draw.
         layers: names (``fnmatch`` patterns) of the layers to map; default every ``nn.Linear`` but the
@@ -891,17 +892,16 @@ class PairImportanceMonitor(Callback):
         self._figures_step = record.step
         frozen = _frozen_copy(self._target(pl_module))
         if frozen is None:
-            self._log_figures(trainer, pl_module, record)
+            self._log_figures(trainer, record, self._figure_layers(self._target(pl_module)))
             return
-        view = copy.copy(self)  # the figures read the history as it is now, and the copied model
+        view = copy.copy(self)  # the figures read the history as it is now, and the layers of the copied model
         view._importances = {k: list(v) for k, v in self._importances.items()}
         view._steps = list(self._steps)
-        view._target = lambda _module: frozen  # type: ignore[method-assign,assignment]
         # The copy is read here, on the training thread: a forward pass forks and restores the global
         # RNGs (and a stochastic forward draws from them), which on another thread would rewind or
         # advance the training's random stream while it runs. The figure thread only draws.
         layers = self._figure_layers(frozen)
-        self._figures.submit(lambda: view._log_figures(trainer, pl_module, record, layers))
+        self._figures.submit(lambda: view._log_figures(trainer, record, layers))
 
     def _finish_figures(self) -> None:
         """Wait for the figures still being drawn (at fit end, or on an exception); report a failure once."""
@@ -1000,18 +1000,13 @@ class PairImportanceMonitor(Callback):
         assert self._x is not None
         return read_model(model, self._x[:2], activations=self.config.activations).layers
 
-    def _log_figures(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        record: MapRecord,
-        layers: list[LayerReading] | None = None,
-    ) -> None:
+    def _log_figures(self, trainer: pl.Trainer, record: MapRecord, layers: list[LayerReading]) -> None:
         """The figures of ``record``, the last map made (its importance is the last in the history).
 
         Per layer: the most important points and the pairs of the weightiest neurons (drawn as images,
         signals or rows of feature cells, see :mod:`lightning_swim.plotting`), or the pair arrows of 2-D
-        inputs, and the importance over training; points are named by their dataset index.
+        inputs, and the importance over training; points are named by their dataset index. ``layers``: the
+        model's layers as :meth:`_figure_layers` read them at the map's step.
         """
         from lightning_swim import plotting
 
@@ -1022,8 +1017,6 @@ class PairImportanceMonitor(Callback):
         assert self._x is not None
         x, y, index = self._x, self._y, self._index
         shape = self.image_shape or plotting.guess_image_shape(tuple(x.shape[1:]), x)
-        if layers is None:
-            layers = self._figure_layers(self._target(pl_module))
         k = self.config.topk_points
         step = record.step
         for name, pm in record.maps.items():
